@@ -1,0 +1,32 @@
+# The two commands of the README: `make run` and `make test`. Everything else is their plumbing.
+# A fresh machine needs only Python 3.11+ and access to the package registries.
+
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: run test install lint typecheck unit
+
+run: install
+	$(VENV)/bin/kizo up
+
+test: install lint typecheck unit
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+
+install: $(UV)
+	$(UV) sync --locked --quiet --python $(PYTHON)
+
+lint:
+	$(VENV)/bin/ruff check .
+
+typecheck:
+	$(VENV)/bin/mypy
+
+unit:
+	$(VENV)/bin/pytest

@@ -1,0 +1,184 @@
+"""One typed configuration object, built from the environment once at start-up and passed down.
+
+Nothing below the CLI reads ``os.environ``: every process builds a ``Config`` with
+``Config.from_env()`` and hands the parts it needs to the code it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value Kizo cannot use."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, low: float, high: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _str(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name)
+    return default if raw is None or raw == "" else raw
+
+
+def _optional(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name)
+    return None if raw is None or raw.strip() == "" else raw.strip()
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    """Limits of the ledger engine; every one is a bound on work or money."""
+
+    currency: str = "USD"
+    # One transfer may move at most this many minor units (1e12 = 10 billion dollars in cents).
+    amount_max_minor: int = 1_000_000_000_000
+    batch_size_max: int = 1000
+    retry_attempts_max: int = 8
+    retry_backoff_base_s: float = 0.005
+    retry_backoff_max_s: float = 0.25
+    statement_timeout_ms: int = 10_000
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Shards, actors and the worker process (issue 2/8)."""
+
+    shards: int = 8
+    worker_concurrency: int = 400
+    mailbox_size_max: int = 1000
+    actor_batch_size_max: int = 200
+    actor_batch_wait_ms: int = 2
+    actor_idle_evict_s: float = 30.0
+    janitor_interval_s: float = 5.0
+    redrive_after_s: float = 10.0
+    redrive_attempts_max: int = 10
+    bank_timeout_s: float = 5.0
+    bank_retries_max: int = 3
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Password hashing and tokens (issue 3/8)."""
+
+    pepper: str = "kizo-dev-pepper-change-me"
+    argon2_memory_kib: int = 19 * 1024
+    argon2_time_cost: int = 2
+    argon2_parallelism: int = 1
+    hash_threads_max: int = 2
+    access_ttl_s: int = 900
+    refresh_ttl_s: int = 30 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a Kizo process needs to know about where it runs."""
+
+    home: Path
+    database_url: str | None = None
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    pg_port: int = 15432
+    redis_port: int = 16379
+    api_port: int = 8000
+    bank_port: int = 8100
+    proxy_api_port: int = 8474
+    workers: int = 1
+    pg_fsync: bool = True
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+    @property
+    def embedded_postgres(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def embedded_redis(self) -> bool:
+        return self.redis_url is None
+
+    @property
+    def pg_data_dir(self) -> Path:
+        return self.home / "pgdata"
+
+    @property
+    def redis_data_dir(self) -> Path:
+        return self.home / "valkey"
+
+    def pg_url(self, database: str = "kizo") -> str:
+        if self.database_url is not None:
+            return self.database_url
+        return f"postgresql://postgres@{self.host}:{self.pg_port}/{database}"
+
+    def valkey_url(self) -> str:
+        if self.redis_url is not None:
+            return self.redis_url
+        return f"redis://{self.host}:{self.redis_port}/0"
+
+    def with_urls(self, database_url: str, redis_url: str | None) -> Config:
+        return dataclasses.replace(self, database_url=database_url, redis_url=redis_url)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if env is None else env
+        home = Path(_str(env, "KIZO_HOME", str(Path.cwd() / ".kizo"))).expanduser().resolve()
+        currency = _str(env, "KIZO_CURRENCY", "USD").upper()
+        if len(currency) != 3 or not currency.isalpha():
+            raise ConfigError(f"KIZO_CURRENCY must be a 3-letter code, got {currency!r}")
+        ledger = LedgerConfig(
+            currency=currency,
+            amount_max_minor=_int(
+                env, "KIZO_AMOUNT_MAX_MINOR", LedgerConfig.amount_max_minor, low=1, high=2**62
+            ),
+            batch_size_max=_int(env, "KIZO_BATCH_SIZE_MAX", 1000, low=1, high=100_000),
+        )
+        pipeline = PipelineConfig(
+            shards=_int(env, "KIZO_SHARDS", PipelineConfig.shards, low=1, high=1024),
+            worker_concurrency=_int(env, "KIZO_WORKER_CONCURRENCY", 400, low=1, high=10_000),
+            janitor_interval_s=_float(env, "KIZO_JANITOR_INTERVAL_S", 5.0, low=0.05, high=3600),
+            redrive_after_s=_float(env, "KIZO_REDRIVE_AFTER_S", 10.0, low=0.05, high=86_400),
+        )
+        auth = AuthConfig(pepper=_str(env, "KIZO_PEPPER", AuthConfig.pepper))
+        return cls(
+            home=home,
+            database_url=_optional(env, "DATABASE_URL"),
+            redis_url=_optional(env, "REDIS_URL"),
+            host=_str(env, "KIZO_HOST", "127.0.0.1"),
+            pg_port=_int(env, "KIZO_PG_PORT", 15432, low=1, high=65535),
+            redis_port=_int(env, "KIZO_REDIS_PORT", 16379, low=1, high=65535),
+            api_port=_int(env, "KIZO_API_PORT", 8000, low=1, high=65535),
+            bank_port=_int(env, "KIZO_BANK_PORT", 8100, low=1, high=65535),
+            proxy_api_port=_int(env, "KIZO_PROXY_API_PORT", 8474, low=1, high=65535),
+            workers=_int(env, "KIZO_WORKERS", 1, low=1, high=64),
+            pg_fsync=_str(env, "KIZO_PG_FSYNC", "on").lower() not in {"off", "0", "false", "no"},
+            ledger=ledger,
+            pipeline=pipeline,
+            auth=auth,
+        )

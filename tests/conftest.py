@@ -1,0 +1,136 @@
+"""Real servers for the whole suite: embedded PostgreSQL and Valkey, started once per session.
+
+Each test that asks for ``db_url`` gets a database of its own, cloned from a migrated template
+(``CREATE DATABASE ... TEMPLATE`` takes milliseconds), so tests never see each other's money.
+Set ``KIZO_TEST_DATABASE_URL`` (a server URL whose user may create databases) and
+``KIZO_TEST_REDIS_URL`` to run the suite against servers of your own instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from engine import ensure_system_accounts
+from kizo.migrate import migrate
+from kizo.servers import EmbeddedPostgres, EmbeddedValkey, free_port
+
+CURRENCY = "USD"
+TEMPLATE_DB = "kizo_template"
+_counter = itertools.count()
+
+
+@dataclass
+class TestServers:
+    """The session's servers; ``valkey`` is None when the suite runs against an external Redis."""
+
+    pg_base_url: str  # URL of the server, without the database name
+    redis_url: str
+    pg: EmbeddedPostgres | None
+    valkey: EmbeddedValkey | None
+    home: Path
+
+    def pg_url(self, database: str) -> str:
+        return f"{self.pg_base_url}/{database}"
+
+
+async def _prepare_template(servers: TestServers) -> None:
+    admin = await asyncpg.connect(servers.pg_url("postgres"))
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB}")
+        await admin.execute(f"CREATE DATABASE {TEMPLATE_DB}")
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(servers.pg_url(TEMPLATE_DB))
+    try:
+        await migrate(conn)
+        await ensure_system_accounts(conn, CURRENCY)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[TestServers]:
+    external_pg = os.environ.get("KIZO_TEST_DATABASE_URL")
+    external_redis = os.environ.get("KIZO_TEST_REDIS_URL")
+    # A short path: CI clones anywhere, and the servers' paths should not depend on it.
+    home = Path(tempfile.mkdtemp(prefix="kizo-test-"))
+    pg = valkey = None
+    if external_pg is None:
+        pg = EmbeddedPostgres(home / "pgdata", free_port(), fsync=False, max_connections=400)
+        pg.start()
+        pg_base = f"postgresql://postgres@{pg.host}:{pg.port}"
+    else:
+        pg_base = external_pg.rstrip("/").rsplit("/", 1)[0]
+    if external_redis is None:
+        valkey = EmbeddedValkey(home / "valkey", free_port(), persist=False)
+        valkey.start()
+        redis_url = valkey.url()
+    else:
+        redis_url = external_redis
+    result = TestServers(pg_base, redis_url, pg, valkey, home)
+    try:
+        asyncio.run(_prepare_template(result))
+        yield result
+    finally:
+        if valkey is not None:
+            valkey.stop()
+        if pg is not None:
+            pg.stop()
+
+
+@pytest.fixture
+def db_name() -> str:
+    return f"kizo_t{os.getpid()}_{next(_counter)}"
+
+
+@pytest_asyncio.fixture
+async def db_url(servers: TestServers, db_name: str) -> AsyncIterator[str]:
+    """A fresh, migrated database with the system accounts, dropped after the test."""
+    admin = await asyncpg.connect(servers.pg_url("postgres"))
+    try:
+        await admin.execute(f"CREATE DATABASE {db_name} TEMPLATE {TEMPLATE_DB}")
+    finally:
+        await admin.close()
+    yield servers.pg_url(db_name)
+    admin = await asyncpg.connect(servers.pg_url("postgres"))
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest_asyncio.fixture
+async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=8, command_timeout=30)
+    assert pool is not None
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest_asyncio.fixture
+async def redis_client(servers: TestServers) -> AsyncIterator[aioredis.Redis]:
+    """A client on a Redis database of its own, flushed before the test."""
+    client: aioredis.Redis = aioredis.Redis.from_url(servers.redis_url, socket_timeout=5)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def unique_email(prefix: str = "user") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}@example.test"

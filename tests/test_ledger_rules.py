@@ -1,0 +1,189 @@
+"""The ledger's rules, each against the real embedded PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import pytest
+
+from engine import (
+    BANK_SETTLEMENT,
+    Action,
+    InvalidAmount,
+    NewIntent,
+    Op,
+    SelfTransfer,
+    UnknownAccount,
+    apply_batch,
+    audit,
+    create_intents,
+    get_balance,
+    get_transaction,
+    open_accounts,
+    system_account,
+)
+
+CUR = "USD"
+MAX = 1_000_000
+
+
+async def _funded(pool: asyncpg.Pool, amounts: list[int]) -> list[uuid.UUID]:
+    """Open one account per amount and deposit that amount into it."""
+    async with pool.acquire() as conn:
+        accounts = await open_accounts(conn, [None] * len(amounts), CUR)
+        bank = await system_account(conn, BANK_SETTLEMENT)
+        deposits = await create_intents(
+            conn,
+            [
+                NewIntent("deposit", bank, a, amt)
+                for a, amt in zip(accounts, amounts, strict=True)
+                if amt > 0
+            ],
+            currency=CUR,
+            amount_max_minor=MAX,
+        )
+    await apply_batch(pool, [Op(t.id, Action.CREDIT) for t in deposits])
+    return accounts
+
+
+async def _transfer(pool: asyncpg.Pool, src: uuid.UUID, dst: uuid.UUID, amount: int) -> uuid.UUID:
+    async with pool.acquire() as conn:
+        [txn] = await create_intents(
+            conn, [NewIntent("transfer", src, dst, amount)], currency=CUR, amount_max_minor=MAX
+        )
+    return txn.id
+
+
+@pytest.mark.asyncio
+async def test_transfer_moves_money_and_records_balanced_postings(pool: asyncpg.Pool) -> None:
+    alice, bob = await _funded(pool, [500, 0])
+    txn_id = await _transfer(pool, alice, bob, 200)
+    [outcome] = await apply_batch(pool, [Op(txn_id, Action.TRANSFER)])
+    assert (outcome.applied, outcome.status) == (True, "settled")
+    assert (await get_balance(pool, alice)).available == 300
+    assert (await get_balance(pool, bob)).available == 200
+    rows = await pool.fetch(
+        "SELECT account_id, amount_minor, balance_after FROM postings WHERE transaction_id = $1"
+        " ORDER BY amount_minor",
+        txn_id,
+    )
+    assert [(r["account_id"], r["amount_minor"], r["balance_after"]) for r in rows] == [
+        (alice, -200, 300),
+        (bob, 200, 200),
+    ]
+    txn = await get_transaction(pool, txn_id)
+    assert txn.settled_at is not None and txn.settled_at >= txn.created_at
+    assert await audit(pool) == []
+
+
+@pytest.mark.asyncio
+async def test_overdraft_fails_with_reason_and_moves_nothing(pool: asyncpg.Pool) -> None:
+    alice, bob = await _funded(pool, [100, 0])
+    txn_id = await _transfer(pool, alice, bob, 101)
+    [outcome] = await apply_batch(pool, [Op(txn_id, Action.TRANSFER)])
+    assert (outcome.status, outcome.failure_reason) == ("failed", "insufficient_funds")
+    assert (await get_balance(pool, alice)).available == 100
+    assert (await get_balance(pool, bob)).available == 0
+    assert await audit(pool) == []
+
+
+@pytest.mark.asyncio
+async def test_applying_twice_is_a_no_op(pool: asyncpg.Pool) -> None:
+    alice, bob = await _funded(pool, [100, 0])
+    txn_id = await _transfer(pool, alice, bob, 60)
+    first = await apply_batch(pool, [Op(txn_id, Action.TRANSFER), Op(txn_id, Action.TRANSFER)])
+    second = await apply_batch(pool, [Op(txn_id, Action.TRANSFER)])
+    assert [o.applied for o in first + second] == [True, False, False]
+    assert (await get_balance(pool, alice)).available == 40
+    assert await audit(pool) == []
+
+
+@pytest.mark.asyncio
+async def test_withdrawal_hold_post_and_release(pool: asyncpg.Pool) -> None:
+    [alice] = await _funded(pool, [1000])
+    bank = await system_account(pool, BANK_SETTLEMENT)
+    async with pool.acquire() as conn:
+        paid, refused = await create_intents(
+            conn,
+            [NewIntent("withdrawal", alice, bank, 300), NewIntent("withdrawal", alice, bank, 400)],
+            currency=CUR,
+            amount_max_minor=MAX,
+        )
+    held = await apply_batch(pool, [Op(paid.id, Action.HOLD), Op(refused.id, Action.HOLD)])
+    assert [o.status for o in held] == ["processing", "processing"]
+    view = await get_balance(pool, alice)
+    assert (view.posted, view.pending, view.available) == (1000, 700, 300)
+    assert await audit(pool) == []
+    done = await apply_batch(
+        pool, [Op(paid.id, Action.POST), Op(refused.id, Action.RELEASE, "bank_declined")]
+    )
+    assert [(o.status, o.failure_reason) for o in done] == [
+        ("settled", None),
+        ("failed", "bank_declined"),
+    ]
+    view = await get_balance(pool, alice)
+    assert (view.posted, view.pending, view.available) == (700, 0, 700)
+    assert await audit(pool) == []
+
+
+@pytest.mark.asyncio
+async def test_hold_and_post_in_one_batch_pass_through_processing(pool: asyncpg.Pool) -> None:
+    [alice] = await _funded(pool, [50])
+    bank = await system_account(pool, BANK_SETTLEMENT)
+    async with pool.acquire() as conn:
+        [w] = await create_intents(
+            conn, [NewIntent("withdrawal", alice, bank, 50)], currency=CUR, amount_max_minor=MAX
+        )
+    await apply_batch(pool, [Op(w.id, Action.HOLD), Op(w.id, Action.POST)])
+    txn = await get_transaction(pool, w.id)
+    assert txn.status == "settled" and txn.processing_at is not None
+    assert (await get_balance(pool, alice)).posted == 0
+    assert await audit(pool) == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("amount", [0, -5, MAX + 1, True, 1.5])
+async def test_bad_amounts_are_refused_and_change_nothing(
+    pool: asyncpg.Pool, amount: object
+) -> None:
+    alice, bob = await _funded(pool, [100, 0])
+    async with pool.acquire() as conn:
+        with pytest.raises(InvalidAmount):
+            await create_intents(
+                conn,
+                [NewIntent("transfer", alice, bob, amount)],  # type: ignore[arg-type]
+                currency=CUR,
+                amount_max_minor=MAX,
+            )
+    assert await pool.fetchval("SELECT count(*) FROM transactions WHERE kind = 'transfer'") == 0
+
+
+@pytest.mark.asyncio
+async def test_self_transfer_and_unknown_account_are_named_errors(pool: asyncpg.Pool) -> None:
+    [alice] = await _funded(pool, [100])
+    async with pool.acquire() as conn:
+        with pytest.raises(SelfTransfer):
+            await create_intents(
+                conn, [NewIntent("transfer", alice, alice, 1)], currency=CUR, amount_max_minor=MAX
+            )
+        with pytest.raises(UnknownAccount):
+            await create_intents(
+                conn,
+                [NewIntent("transfer", alice, uuid.uuid4(), 1)],
+                currency=CUR,
+                amount_max_minor=MAX,
+            )
+
+
+@pytest.mark.asyncio
+async def test_final_state_cannot_change_even_by_hand(pool: asyncpg.Pool) -> None:
+    alice, bob = await _funded(pool, [100, 0])
+    txn_id = await _transfer(pool, alice, bob, 10)
+    await apply_batch(pool, [Op(txn_id, Action.TRANSFER)])
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute(
+            "UPDATE transactions SET status = 'failed', failure_reason = 'x', failed_at = now(),"
+            " settled_at = NULL WHERE id = $1",
+            txn_id,
+        )
