@@ -89,13 +89,22 @@ def register(command: Command) -> None:
 def _load_plugins() -> None:
     """Commands that live with the code they run register themselves on import."""
     import importlib
+    import importlib.util
 
     for module in PLUGIN_MODULES:
-        importlib.import_module(module)
+        # A component not built yet has no module; one that exists must import cleanly.
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
 
 
-# Modules that call ``register`` at import; kept light (no heavy imports at module level).
-PLUGIN_MODULES: list[str] = []
+# Modules that call ``register`` (and ``kizo.supervisor.register_child``) at import, in the
+# order ``kizo up`` starts their processes; kept light (no heavy imports at module level).
+PLUGIN_MODULES: list[str] = [
+    "kizo.bench_cli",
+    "chaos.mockbank.cli",
+    "actors.cli",
+    "api.cli",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

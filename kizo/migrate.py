@@ -69,7 +69,9 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-async def pending_migrations(conn: asyncpg.Connection) -> list[Migration]:
+async def pending_migrations(
+    conn: asyncpg.Connection, directory: Path | None = None
+) -> list[Migration]:
     """Migrations on disk not yet recorded; raises if a recorded one was edited afterwards."""
     exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
     applied: dict[int, str] = {}
@@ -77,7 +79,7 @@ async def pending_migrations(conn: asyncpg.Connection) -> list[Migration]:
         rows = await conn.fetch("SELECT version, checksum FROM schema_migrations")
         applied = {row["version"]: row["checksum"] for row in rows}
     todo = []
-    for migration in load_migrations():
+    for migration in load_migrations(directory):
         recorded = applied.get(migration.version)
         if recorded is None:
             todo.append(migration)
@@ -88,14 +90,15 @@ async def pending_migrations(conn: asyncpg.Connection) -> list[Migration]:
     return todo
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
-    """Apply every pending migration; returns the names applied (empty when up to date)."""
+async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
+    """Apply every pending migration in ``directory`` (Kizo's own by default); returns the
+    names applied (empty when up to date)."""
     await conn.execute(f"SET lock_timeout = '{int(LOCK_TIMEOUT_S * 1000)}ms'")
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
     try:
         await conn.execute(_CREATE_TABLE)
         applied = []
-        for migration in await pending_migrations(conn):
+        for migration in await pending_migrations(conn, directory):
             async with conn.transaction():
                 await conn.execute(migration.sql)
                 await conn.execute(

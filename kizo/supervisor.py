@@ -41,17 +41,18 @@ class Child:
     url: str | None = None
 
 
+ChildFactory = Callable[[Config], list[Child]]
+# Each component registers the processes it runs under ``kizo up``, in start order.
+CHILD_FACTORIES: list[ChildFactory] = []
+
+
+def register_child(factory: ChildFactory) -> None:
+    CHILD_FACTORIES.append(factory)
+
+
 def children(config: Config) -> list[Child]:
-    """The processes ``kizo up`` runs, in start order. Roles join as they are built."""
-    found: list[Child] = []
-    for role, factory in CHILD_FACTORIES:
-        found.extend(factory(config))
-        del role
-    return found
-
-
-# Each later component registers itself here: (role, config -> children).
-CHILD_FACTORIES: list[tuple[str, Callable[[Config], list[Child]]]] = []
+    """The processes ``kizo up`` runs, in start order."""
+    return [child for factory in CHILD_FACTORIES for child in factory(config)]
 
 
 def _say(message: str) -> None:
