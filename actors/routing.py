@@ -1,0 +1,77 @@
+"""Shard routing and the enqueue half of the outbox: intents in PostgreSQL, jobs in SAQ.
+
+shard = zlib.crc32(str(account_id)) % N (never ``hash()``: it changes between processes). The
+account that owns a transaction's actor is the one whose funds it checks: the source of a
+transfer or withdrawal, the destination of a deposit. The job key is the transaction id, so a
+second enqueue of an intent whose job is still queued or running is a no-op in SAQ, and one
+whose job already completed is a no-op in the ledger (the batch guards on status).
+"""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from saq.queue.redis import RedisQueue
+
+SETTLE_JOB = "settle"
+QUEUE_PREFIX = "settle-"
+# A job that does not finish in this time is retried by SAQ; the ledger makes the retry safe.
+JOB_TIMEOUT_S = 60
+JOB_RETRIES_MAX = 5
+JOB_TTL_S = 600
+
+
+def shard_for(account_id: uuid.UUID | str, shards: int) -> int:
+    assert shards >= 1
+    return zlib.crc32(str(account_id).encode()) % shards
+
+
+def queue_name(shard: int) -> str:
+    return f"{QUEUE_PREFIX}{shard}"
+
+
+def actor_account(kind: str, source_id: uuid.UUID, dest_id: uuid.UUID) -> uuid.UUID:
+    """The account whose actor settles a transaction of ``kind``."""
+    return dest_id if kind == "deposit" else source_id
+
+
+@dataclass(frozen=True)
+class Routed:
+    """One intent to hand to its shard's queue."""
+
+    txn_id: uuid.UUID
+    account_id: uuid.UUID
+
+
+class QueueSet:
+    """The N ``settle-*`` queues, sharing one Redis client."""
+
+    def __init__(self, redis: Redis, shards: int) -> None:
+        self.redis = redis
+        self.shards = shards
+        self.queues = [RedisQueue(redis, name=queue_name(n)) for n in range(shards)]
+
+    def for_account(self, account_id: uuid.UUID) -> RedisQueue:
+        return self.queues[shard_for(account_id, self.shards)]
+
+    async def enqueue(self, items: Sequence[Routed]) -> int:
+        """Enqueue each intent on its shard; returns how many were new jobs (the rest were
+        already queued or running). Raises redis errors: the caller decides whether the
+        intent row, which stays pending, is enough (the API) or whether to retry (the relay)."""
+        created = 0
+        for item in items:
+            job = await self.for_account(item.account_id).enqueue(
+                SETTLE_JOB,
+                key=str(item.txn_id),
+                timeout=JOB_TIMEOUT_S,
+                retries=JOB_RETRIES_MAX,
+                ttl=JOB_TTL_S,
+                txn_id=str(item.txn_id),
+                account_id=str(item.account_id),
+            )
+            created += job is not None
+        return created
