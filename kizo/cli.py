@@ -103,6 +103,7 @@ PLUGIN_MODULES: list[str] = [
     "kizo.bench_cli",
     "chaos.mockbank.cli",
     "actors.cli",
+    "actors.janitor_cli",
     "api.cli",
 ]
 

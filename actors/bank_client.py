@@ -1,0 +1,155 @@
+"""Kizo's client for the bank (the mock bank in tests and chaos runs; any bank with its API).
+
+Every call carries the Kizo transaction id as ``Idempotency-Key``, so a retry can never move
+money twice. Each outcome is one of three, and the difference is the whole point:
+
+- ``succeeded`` / ``failed``: the bank gave a definite, final answer;
+- ``unknown``: a timeout, a dropped connection, a 5xx after the request may have been processed.
+  The transaction stays ``processing`` and the janitor asks ``GET /payments/{key}`` later.
+
+A 503 is the bank's definite "not processed" and is retried here (bounded); a 4xx other than the
+idempotency conflict is a bug on our side, surfaced as ``BankRejected``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+
+Outcome = Literal["succeeded", "failed", "unknown"]
+STATEMENT_PAGE_MAX = 1000
+
+
+class BankUnavailable(RuntimeError):
+    """The bank could not be asked (read-only calls); try again later."""
+
+
+class BankRejected(RuntimeError):
+    """The bank refused the request as malformed or conflicting (4xx): never retried."""
+
+
+@dataclass(frozen=True)
+class BankPayment:
+    key: str
+    kind: str
+    account: str
+    amount_minor: int
+    currency: str
+    status: str
+    failure_reason: str | None
+    created_at: str
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> BankPayment:
+        return cls(
+            key=str(body["key"]),
+            kind=str(body["kind"]),
+            account=str(body["account"]),
+            amount_minor=int(body["amount_minor"]),
+            currency=str(body["currency"]),
+            status=str(body["status"]),
+            failure_reason=body.get("failure_reason"),
+            created_at=str(body["created_at"]),
+        )
+
+
+@dataclass(frozen=True)
+class BankResult:
+    outcome: Outcome
+    payment: BankPayment | None = None
+    failure_reason: str | None = None
+
+
+class BankClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 5.0,
+        retries_max: int = 3,
+        backoff_s: float = 0.05,
+        connections_max: int = 100,
+    ) -> None:
+        self.retries_max = retries_max
+        self.backoff_s = backoff_s
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=connections_max),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def collect(
+        self, key: uuid.UUID, account: uuid.UUID, amount_minor: int, currency: str
+    ) -> BankResult:
+        """Pull ``amount_minor`` from the customer's bank account into Kizo's."""
+        return await self._pay("/collections", key, account, amount_minor, currency)
+
+    async def payout(
+        self, key: uuid.UUID, account: uuid.UUID, amount_minor: int, currency: str
+    ) -> BankResult:
+        """Push ``amount_minor`` from Kizo's bank account to the customer's."""
+        return await self._pay("/payouts", key, account, amount_minor, currency)
+
+    async def _pay(
+        self, path: str, key: uuid.UUID, account: uuid.UUID, amount_minor: int, currency: str
+    ) -> BankResult:
+        body = {"account": str(account), "amount_minor": amount_minor, "currency": currency}
+        headers = {"Idempotency-Key": str(key)}
+        for attempt in range(self.retries_max + 1):
+            try:
+                response = await self._http.post(path, json=body, headers=headers)
+            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError):
+                # The request may have been processed: only the bank's record can tell.
+                return BankResult("unknown")
+            if response.status_code == 503 and attempt < self.retries_max:
+                await asyncio.sleep(self.backoff_s * 2**attempt)
+                continue
+            return _result(response)
+        return BankResult("unknown")
+
+    async def get_payment(self, key: uuid.UUID) -> BankPayment | None:
+        """The bank's record for ``key``; None when the bank never processed it."""
+        response = await self._get(f"/payments/{key}")
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise BankUnavailable(f"GET /payments/{key} answered {response.status_code}")
+        return BankPayment.from_json(response.json())
+
+    async def statement(
+        self, since: str | None = None, limit: int = STATEMENT_PAGE_MAX
+    ) -> tuple[list[BankPayment], str | None]:
+        """One page of Kizo's omnibus account statement and the cursor of the next."""
+        params: dict[str, str | int] = {"limit": min(limit, STATEMENT_PAGE_MAX)}
+        if since is not None:
+            params["since"] = since
+        response = await self._get("/statement", params)
+        if response.status_code != 200:
+            raise BankUnavailable(f"GET /statement answered {response.status_code}")
+        body = response.json()
+        items = [BankPayment.from_json(item) for item in body["items"]]
+        return items, body.get("next_cursor")
+
+    async def _get(self, path: str, params: dict[str, str | int] | None = None) -> httpx.Response:
+        try:
+            return await self._http.get(path, params=params)
+        except httpx.HTTPError as exc:
+            raise BankUnavailable(f"GET {path}: {exc.__class__.__name__}") from exc
+
+
+def _result(response: httpx.Response) -> BankResult:
+    if response.status_code in (200, 201):
+        payment = BankPayment.from_json(response.json())
+        if payment.status == "succeeded":
+            return BankResult("succeeded", payment)
+        return BankResult("failed", payment, payment.failure_reason or "bank_declined")
+    if response.status_code >= 500:
+        return BankResult("unknown")
+    raise BankRejected(f"bank answered {response.status_code}: {response.text[:200]}")
