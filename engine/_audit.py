@@ -79,6 +79,15 @@ CHECKS: dict[str, tuple[str, str]] = {
              AND EXISTS (SELECT 1 FROM postings p WHERE p.transaction_id = t.id)""",
         "a failed (or unfinished) transaction has no postings",
     ),
+    "orphan_posting": (
+        """SELECT p.id::text, 'posting references a missing '
+                  || CASE WHEN t.id IS NULL THEN 'transaction' ELSE 'account' END
+           FROM postings p
+           LEFT JOIN transactions t ON t.id = p.transaction_id
+           LEFT JOIN balances b ON b.account_id = p.account_id
+           WHERE t.id IS NULL OR b.account_id IS NULL""",
+        "every posting belongs to an existing transaction and account",
+    ),
     "postings_disagree_with_intent": (
         """SELECT t.id::text, 'postings do not move ' || t.amount_minor || ' from source to dest'
            FROM transactions t JOIN postings p ON p.transaction_id = t.id

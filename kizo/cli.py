@@ -8,7 +8,6 @@ for the web stack.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import subprocess
 import sys
@@ -47,6 +46,7 @@ def _configure_up(parser: argparse.ArgumentParser) -> None:
 
 
 def _migrate(config: Config, _args: argparse.Namespace) -> int:
+    from kizo import aio
     from kizo.servers import EmbeddedPostgres
     from kizo.supervisor import prepare_database
 
@@ -56,7 +56,7 @@ def _migrate(config: Config, _args: argparse.Namespace) -> int:
         pg.start()
     try:
         url = pg.url() if pg is not None else config.pg_url()
-        applied = asyncio.run(prepare_database(url, config.ledger.currency))
+        applied = aio.run(prepare_database(url, config.ledger.currency))
     finally:
         if pg is not None:
             pg.stop()
@@ -137,4 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run through the canonical module: under ``python -m`` this file is ``__main__``, and the
+    # plugins register their commands on ``kizo.cli``, not on this copy.
+    from kizo.cli import main as canonical_main
+
+    raise SystemExit(canonical_main())

@@ -75,10 +75,14 @@ CREATE TRIGGER transactions_final_guard BEFORE UPDATE ON transactions
 
 -- Postings: the only record of money moving. Each settled transaction has a balanced set
 -- (sum = 0); balance_after makes any point of an account's history auditable.
+-- No foreign keys here, on purpose: postings are written only by the batch apply, in the same
+-- transaction that holds row locks on the intent and on the balance rows they reference, so
+-- both exist by construction. The two RI checks per row cost a third of the batch's write time
+-- (measured with kizo bench ledger); the audit's orphan_posting check stands in for them.
 CREATE TABLE postings (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    transaction_id  uuid NOT NULL REFERENCES transactions (id),
-    account_id      uuid NOT NULL REFERENCES accounts (id),
+    transaction_id  uuid NOT NULL,
+    account_id      uuid NOT NULL,
     amount_minor    bigint NOT NULL CHECK (amount_minor <> 0),
     balance_after   bigint NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT now()

@@ -32,7 +32,7 @@ _counter = itertools.count()
 
 
 @dataclass
-class TestServers:
+class ServerSet:
     """The session's servers; ``valkey`` is None when the suite runs against an external Redis."""
 
     pg_base_url: str  # URL of the server, without the database name
@@ -45,7 +45,7 @@ class TestServers:
         return f"{self.pg_base_url}/{database}"
 
 
-async def _prepare_template(servers: TestServers) -> None:
+async def _prepare_template(servers: ServerSet) -> None:
     admin = await asyncpg.connect(servers.pg_url("postgres"))
     try:
         await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB}")
@@ -61,7 +61,7 @@ async def _prepare_template(servers: TestServers) -> None:
 
 
 @pytest.fixture(scope="session")
-def servers() -> Iterator[TestServers]:
+def servers() -> Iterator[ServerSet]:
     external_pg = os.environ.get("KIZO_TEST_DATABASE_URL")
     external_redis = os.environ.get("KIZO_TEST_REDIS_URL")
     # A short path: CI clones anywhere, and the servers' paths should not depend on it.
@@ -79,7 +79,7 @@ def servers() -> Iterator[TestServers]:
         redis_url = valkey.url()
     else:
         redis_url = external_redis
-    result = TestServers(pg_base, redis_url, pg, valkey, home)
+    result = ServerSet(pg_base, redis_url, pg, valkey, home)
     try:
         asyncio.run(_prepare_template(result))
         yield result
@@ -96,7 +96,7 @@ def db_name() -> str:
 
 
 @pytest_asyncio.fixture
-async def db_url(servers: TestServers, db_name: str) -> AsyncIterator[str]:
+async def db_url(servers: ServerSet, db_name: str) -> AsyncIterator[str]:
     """A fresh, migrated database with the system accounts, dropped after the test."""
     admin = await asyncpg.connect(servers.pg_url("postgres"))
     try:
@@ -111,6 +111,24 @@ async def db_url(servers: TestServers, db_name: str) -> AsyncIterator[str]:
         await admin.close()
 
 
+@pytest.fixture
+def sync_db_url(servers: ServerSet, db_name: str) -> Iterator[str]:
+    """``db_url`` for synchronous tests (hypothesis drives its own ``asyncio.run`` per example)."""
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(servers.pg_url("postgres"))
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f"CREATE DATABASE {db_name} TEMPLATE {TEMPLATE_DB}"))
+    try:
+        yield servers.pg_url(db_name)
+    finally:
+        asyncio.run(admin(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+
+
 @pytest_asyncio.fixture
 async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(db_url, min_size=1, max_size=8, command_timeout=30)
@@ -122,7 +140,7 @@ async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest_asyncio.fixture
-async def redis_client(servers: TestServers) -> AsyncIterator[aioredis.Redis]:
+async def redis_client(servers: ServerSet) -> AsyncIterator[aioredis.Redis]:
     """A client on a Redis database of its own, flushed before the test."""
     client: aioredis.Redis = aioredis.Redis.from_url(servers.redis_url, socket_timeout=5)
     await client.flushdb()

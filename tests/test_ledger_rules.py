@@ -20,39 +20,18 @@ from engine import (
     create_intents,
     get_balance,
     get_transaction,
-    open_accounts,
     system_account,
 )
-
-CUR = "USD"
-MAX = 1_000_000
+from tests._ledger_helpers import CUR, MAX, funded, intents
 
 
 async def _funded(pool: asyncpg.Pool, amounts: list[int]) -> list[uuid.UUID]:
-    """Open one account per amount and deposit that amount into it."""
-    async with pool.acquire() as conn:
-        accounts = await open_accounts(conn, [None] * len(amounts), CUR)
-        bank = await system_account(conn, BANK_SETTLEMENT)
-        deposits = await create_intents(
-            conn,
-            [
-                NewIntent("deposit", bank, a, amt)
-                for a, amt in zip(accounts, amounts, strict=True)
-                if amt > 0
-            ],
-            currency=CUR,
-            amount_max_minor=MAX,
-        )
-    await apply_batch(pool, [Op(t.id, Action.CREDIT) for t in deposits])
-    return accounts
+    return await funded(pool, amounts)
 
 
 async def _transfer(pool: asyncpg.Pool, src: uuid.UUID, dst: uuid.UUID, amount: int) -> uuid.UUID:
-    async with pool.acquire() as conn:
-        [txn] = await create_intents(
-            conn, [NewIntent("transfer", src, dst, amount)], currency=CUR, amount_max_minor=MAX
-        )
-    return txn.id
+    [txn_id] = await intents(pool, [NewIntent("transfer", src, dst, amount)])
+    return txn_id
 
 
 @pytest.mark.asyncio

@@ -1,0 +1,130 @@
+"""The benchmark's real code path on a small run, and the CLI's behaviour as users meet it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from kizo.bench_ledger import LedgerBenchParams, bench_on_server
+from kizo.servers import free_port
+from tests.conftest import ServerSet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.asyncio
+async def test_bench_ledger_measures_both_workloads_and_pgbench(servers: ServerSet) -> None:
+    if servers.pg is None:
+        pytest.skip("needs the embedded server (pgbench connects over TCP to it)")
+    params = LedgerBenchParams(
+        transfers=600, accounts=50, batch_size=50, clients=2, pgbench_seconds=1, pgbench_scale=1
+    )
+    report = await bench_on_server(servers.pg.host, servers.pg.port, params)
+    for key in ("random_transfers_per_s", "hot_transfers_per_s", "pgbench_tps"):
+        assert report[key] > 0
+    assert report["random_vs_pgbench"] == round(
+        report["random_transfers_per_s"] / report["pgbench_tps"], 2
+    )
+    assert report["hot_transfers_per_s"] == min(
+        report["hot_dest_transfers_per_s"], report["hot_source_transfers_per_s"]
+    )
+    assert report["params"]["transfers"] == 600
+
+
+def _kizo(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kizo.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["bench", "ledger", "--transfers", "-5"], {}, "--transfers"),
+        (["bench", "nothing"], {}, "invalid choice"),
+        (["migrate"], {"KIZO_SHARDS": "many"}, "KIZO_SHARDS must be an integer"),
+        (["migrate"], {"KIZO_CURRENCY": "dollars"}, "KIZO_CURRENCY"),
+        (["no-such-command"], {}, "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    result = _kizo(*args, env=env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _descendants_alive(pid: int) -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process(pid).children(recursive=True) if p.is_running()]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
+    home = tempfile.mkdtemp(prefix="kizo-up-")
+    env = {
+        **os.environ,
+        "KIZO_HOME": home,
+        "KIZO_PG_PORT": str(free_port()),
+        "KIZO_REDIS_PORT": str(free_port()),
+        "KIZO_API_PORT": str(free_port()),
+        "KIZO_BANK_PORT": str(free_port()),
+        "KIZO_PG_FSYNC": "off",
+    }
+    env.pop("DATABASE_URL", None)
+    env.pop("REDIS_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kizo.cli", "up"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    servers: list[psutil.Process] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        output = "".join(lines)
+        assert "ready" in output, output
+        assert "PostgreSQL  postgresql://" in output
+        servers = _descendants_alive(proc.pid)
+        names = " ".join(p.name() for p in servers)
+        assert "postgres" in names
+        assert "valkey" in names
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 0, rest
+    assert "stopping servers" in rest
+    _gone, alive = psutil.wait_procs(servers, timeout=30)
+    assert alive == [], f"left running: {alive}"
