@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
+from engine._types import Conn
 
 # An arbitrary constant that names "the Kizo schema" among advisory locks.
 MIGRATION_LOCK_ID = 0x4B495A4F
@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 
 async def pending_migrations(
-    conn: asyncpg.Connection, directory: Path | None = None
+    conn: Conn, directory: Path | None = None
 ) -> list[Migration]:
     """Migrations on disk not yet recorded; raises if a recorded one was edited afterwards."""
     exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
@@ -90,7 +90,7 @@ async def pending_migrations(
     return todo
 
 
-async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
+async def migrate(conn: Conn, directory: Path | None = None) -> list[str]:
     """Apply every pending migration in ``directory`` (Kizo's own by default); returns the
     names applied (empty when up to date)."""
     await conn.execute(f"SET lock_timeout = '{int(LOCK_TIMEOUT_S * 1000)}ms'")

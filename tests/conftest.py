@@ -11,13 +11,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
@@ -152,3 +157,65 @@ async def redis_client(servers: ServerSet) -> AsyncIterator[aioredis.Redis]:
 
 def unique_email(prefix: str = "user") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}@example.test"
+
+
+@dataclass
+class BankProcess:
+    url: str
+    proc: subprocess.Popen[bytes]
+
+
+def wait_http(
+    url: str, timeout_s: float = 30.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout_s}s")
+
+
+def kizo_env(servers: ServerSet, db_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a real ``kizo`` child process pointed at the test servers."""
+    env = {**os.environ, "DATABASE_URL": db_url, "REDIS_URL": servers.redis_url}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def bank(servers: ServerSet) -> Iterator[BankProcess]:
+    """One real mock bank process for the session, on its own database."""
+    port = free_port()
+    env = kizo_env(
+        servers,
+        servers.pg_url("kizo"),
+        BANK_DATABASE_URL=servers.pg_url(f"bank_t{os.getpid()}"),
+        KIZO_BANK_PORT=str(port),
+        KIZO_BANK_DROP_HOLD_S="3",
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "kizo.cli", "bank"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", proc=proc)
+        yield BankProcess(url, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def bank_url(bank: BankProcess) -> Iterator[str]:
+    """The session bank with no faults, reset again after the test."""
+    httpx.delete(f"{bank.url}/admin/faults", timeout=5)
+    yield bank.url
+    httpx.delete(f"{bank.url}/admin/faults", timeout=5)
