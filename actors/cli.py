@@ -1,0 +1,56 @@
+"""``kizo worker``: a settlement worker owning a set of shards; ``kizo up`` runs
+``KIZO_WORKERS`` of them (after the bank, before the janitor and the API)."""
+
+from __future__ import annotations
+
+import argparse
+
+from kizo.cli import Command, UsageError, register
+from kizo.config import Config
+from kizo.supervisor import Child, register_child
+
+
+def _configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", help="comma-separated shard numbers to own (default: all)")
+    parser.add_argument("--index", type=int, default=0, help="this worker's index (with --of)")
+    parser.add_argument("--of", type=int, default=1, help="how many workers share the shards")
+
+
+def _shards(config: Config, args: argparse.Namespace) -> list[int]:
+    from actors.worker import owned_shards
+
+    total = config.pipeline.shards
+    if args.shards:
+        try:
+            shards = sorted({int(s) for s in args.shards.split(",")})
+        except ValueError:
+            raise UsageError("--shards takes comma-separated integers") from None
+        if shards[0] < 0 or shards[-1] >= total:
+            raise UsageError(f"shards must be between 0 and {total - 1}")
+        return shards
+    if not 1 <= args.of <= total or not 0 <= args.index < args.of:
+        raise UsageError(f"--index must be in [0, --of) and --of in [1, {total}]")
+    return owned_shards(total, args.index, args.of)
+
+
+def _worker(config: Config, args: argparse.Namespace) -> int:
+    from actors.worker import WorkerSpec, main
+    from kizo import aio
+
+    spec = WorkerSpec(
+        config.pg_url(),
+        config.valkey_url(),
+        f"http://{config.host}:{config.bank_port}",
+        _shards(config, args),
+    )
+    aio.run(main(config, spec))
+    return 0
+
+
+def _children(config: Config) -> list[Child]:
+    n = config.workers
+    return [Child(f"worker-{i}", ["worker", "--index", str(i), "--of", str(n)]) for i in range(n)]
+
+
+register(Command("worker", "run a settlement worker", _worker, _configure))
+register_child(_children)

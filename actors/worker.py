@@ -1,0 +1,132 @@
+"""The worker process: SAQ consumers for its shards, the actors, the group committer.
+
+One event loop (uvloop), one asyncio.TaskGroup owning everything. SIGTERM / SIGINT stop the SAQ
+consumers first (in-flight jobs get a grace period to finish: their batches commit or roll back
+as a whole), then the committer and the actors, then the pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import structlog
+from redis.asyncio import Redis
+from saq import Worker
+from saq.types import Context
+
+from actors._actor import Limits, Registry
+from actors._committer import Committer
+from actors.bank_client import BankClient
+from actors.routing import SETTLE_JOB, QueueSet
+from kizo.config import Config
+
+log = structlog.get_logger("kizo.worker")
+
+DB_POOL_SIZE = 4
+# SAQ waits this long for in-flight jobs (and always for its upkeep loops, which never end
+# by themselves) before cancelling: long enough for a batch commit, short enough for Ctrl-C.
+SHUTDOWN_GRACE_S = 3
+SHARD_CONCURRENCY_MIN = 20
+UPKEEP_CONNECTIONS = 8
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    database_url: str
+    redis_url: str
+    bank_url: str
+    shards: Sequence[int]
+
+
+def owned_shards(total: int, index: int, of: int) -> list[int]:
+    """Worker ``index`` of ``of`` owns every ``of``-th shard starting at ``index``."""
+    return [s for s in range(total) if s % of == index]
+
+
+class SettleContext(Context, total=False):
+    registry: Registry
+
+
+async def _settle(ctx: SettleContext, *, txn_id: str, account_id: str) -> None:
+    registry = ctx["registry"]
+    await registry.submit(uuid.UUID(account_id), uuid.UUID(txn_id))
+
+
+async def run_worker(config: Config, spec: WorkerSpec, stop: asyncio.Event) -> None:
+    p = config.pipeline
+    pool = await asyncpg.create_pool(
+        spec.database_url,
+        min_size=2,
+        max_size=DB_POOL_SIZE,
+        command_timeout=config.ledger.statement_timeout_ms / 1000,
+    )
+    assert pool is not None
+    # The process's concurrency is shared by its shard consumers; every one of their jobs may
+    # hold a Redis connection (a blocking dequeue, a finish), plus each consumer's upkeep.
+    per_shard = max(SHARD_CONCURRENCY_MIN, p.worker_concurrency // len(spec.shards))
+    redis = Redis.from_url(
+        spec.redis_url,
+        max_connections=per_shard * len(spec.shards) + UPKEEP_CONNECTIONS * len(spec.shards),
+        socket_timeout=10,
+        socket_connect_timeout=5,
+    )
+    bank = BankClient(spec.bank_url, timeout_s=p.bank_timeout_s, retries_max=p.bank_retries_max)
+    queues = QueueSet(redis, p.shards)
+    committer = Committer(pool, ops_max=config.ledger.batch_size_max, flushers=DB_POOL_SIZE - 1)
+    limits = Limits(
+        p.mailbox_size_max,
+        p.actor_batch_size_max,
+        p.actor_batch_wait_ms / 1000,
+        p.actor_idle_evict_s,
+    )
+    try:
+        async with asyncio.TaskGroup() as tg:
+            registry = Registry(tg, pool, committer, bank, limits)
+            committer_task = tg.create_task(committer.run())
+            workers = [_saq_worker(queues.queues[s], registry, per_shard) for s in spec.shards]
+            for w in workers:
+                tg.create_task(w.start())
+            log.info("worker_started", shards=list(spec.shards))
+            await stop.wait()
+            log.info("worker_stopping")
+            await asyncio.gather(*(w.stop() for w in workers))
+            committer_task.cancel()
+            raise _Stopped
+    except* _Stopped:
+        pass
+    finally:
+        await bank.aclose()
+        await redis.aclose()
+        await pool.close()
+        log.info("worker_stopped")
+
+
+class _Stopped(Exception):
+    """Ends the TaskGroup: cancels the actors (idle by now) once the consumers have stopped."""
+
+
+def _saq_worker(queue: Any, registry: Registry, concurrency: int) -> Worker[SettleContext]:
+    worker: Worker[SettleContext] = Worker(
+        queue,
+        functions=[(SETTLE_JOB, _settle)],
+        concurrency=concurrency,
+        shutdown_grace_period_s=SHUTDOWN_GRACE_S,
+        dequeue_timeout=1.0,
+    )
+    worker.SIGNALS = []  # one handler for the process, below, stops every consumer
+    worker.context["registry"] = registry
+    return worker
+
+
+async def main(config: Config, spec: WorkerSpec) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await run_worker(config, spec, stop)

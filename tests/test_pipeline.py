@@ -1,0 +1,92 @@
+"""Intents flow through SAQ shards to a real worker process and settle exactly once."""
+
+from __future__ import annotations
+
+import random
+
+import asyncpg
+import httpx
+import pytest
+
+from engine import BANK_SETTLEMENT, NewIntent, audit, system_account
+from tests._ledger_helpers import funded, intents
+from tests._pipeline_helpers import enqueue, start_worker, stop_worker, wait_final
+from tests.conftest import ServerSet
+
+
+async def _exactly_once(pool: asyncpg.Pool) -> None:
+    assert await audit(pool) == []
+    settled = await pool.fetchval("SELECT count(*) FROM transactions WHERE status = 'settled'")
+    postings = await pool.fetchval("SELECT count(*) FROM postings")
+    assert postings == 2 * settled
+
+
+@pytest.mark.asyncio
+async def test_transfers_settle_exactly_once_even_when_enqueued_twice(
+    servers: ServerSet, db_url: str, pool: asyncpg.Pool, bank_url: str, redis_client: object
+) -> None:
+    rng = random.Random(5)
+    users = await funded(pool, [10_000] * 20)
+    pairs = [rng.sample(users, 2) for _ in range(300)]
+    hot = [(u, users[0]) for u in users[1:]] * 5  # a hot destination as well
+    ids = await intents(
+        pool, [NewIntent("transfer", a, b, rng.randint(1, 300)) for a, b in pairs + hot]
+    )
+    worker = start_worker(servers, db_url, bank_url)
+    try:
+        assert await enqueue(pool, servers.redis_url, ids) == len(ids)
+        again = await enqueue(pool, servers.redis_url, ids)  # duplicates: no-ops
+        counts = await wait_final(pool, ids)
+        assert again < len(ids)
+        assert counts.get("settled", 0) + counts.get("failed", 0) == len(ids)
+        await _exactly_once(pool)
+        # A job re-run after completion (a re-drive) changes nothing either.
+        before = await pool.fetchval("SELECT count(*) FROM postings")
+        await enqueue(pool, servers.redis_url, ids[:50])
+        await wait_final(pool, ids)
+        assert await pool.fetchval("SELECT count(*) FROM postings") == before
+    finally:
+        assert stop_worker(worker) == 0
+
+
+@pytest.mark.asyncio
+async def test_deposits_and_withdrawals_go_through_the_bank(
+    servers: ServerSet, db_url: str, pool: asyncpg.Pool, bank_url: str, redis_client: object
+) -> None:
+    [alice] = await funded(pool, [0])
+    bank = await system_account(pool, BANK_SETTLEMENT)
+    [deposit] = await intents(pool, [NewIntent("deposit", bank, alice, 5_000)])
+    worker = start_worker(servers, db_url, bank_url)
+    try:
+        await enqueue(pool, servers.redis_url, [deposit])
+        await wait_final(pool, [deposit])
+        ok, too_much = await intents(
+            pool,
+            [
+                NewIntent("withdrawal", alice, bank, 3_000),
+                NewIntent("withdrawal", alice, bank, 9_000),
+            ],
+        )
+        await enqueue(pool, servers.redis_url, [ok, too_much])
+        await wait_final(pool, [ok, too_much])
+    finally:
+        assert stop_worker(worker) == 0
+    statuses = {
+        r["id"]: (r["status"], r["failure_reason"])
+        for r in await pool.fetch(
+            "SELECT id, status, failure_reason FROM transactions WHERE id = ANY($1::uuid[])",
+            [deposit, ok, too_much],
+        )
+    }
+    assert statuses == {
+        deposit: ("settled", None),
+        ok: ("settled", None),
+        too_much: ("failed", "insufficient_funds"),
+    }
+    assert await pool.fetchval("SELECT posted FROM balances WHERE account_id = $1", alice) == 2_000
+    async with httpx.AsyncClient(base_url=bank_url, timeout=5) as client:
+        for key, kind in ((deposit, "collection"), (ok, "payout")):
+            payment = (await client.get(f"/payments/{key}")).json()
+            assert (payment["kind"], payment["status"]) == (kind, "succeeded")
+        assert (await client.get(f"/payments/{too_much}")).status_code == 404
+    await _exactly_once(pool)
