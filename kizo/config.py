@@ -80,6 +80,14 @@ class PipelineConfig:
     janitor_interval_s: float = 5.0
     redrive_after_s: float = 10.0
     redrive_attempts_max: int = 10
+    redrive_backoff_base_s: float = 2.0
+    redrive_backoff_max_s: float = 300.0
+    # Longer than the bank client's worst case (timeout x attempts): a request still in flight
+    # is never taken for a lost one.
+    resolve_after_s: float = 30.0
+    reconcile_grace_s: float = 60.0
+    janitor_batch_max: int = 1000
+    janitor_metrics_port: int = 8201
     bank_timeout_s: float = 5.0
     bank_retries_max: int = 3
 
@@ -164,6 +172,11 @@ class Config:
             worker_concurrency=_int(env, "KIZO_WORKER_CONCURRENCY", 400, low=1, high=10_000),
             janitor_interval_s=_float(env, "KIZO_JANITOR_INTERVAL_S", 5.0, low=0.05, high=3600),
             redrive_after_s=_float(env, "KIZO_REDRIVE_AFTER_S", 10.0, low=0.05, high=86_400),
+            redrive_attempts_max=_int(env, "KIZO_REDRIVE_ATTEMPTS_MAX", 10, low=1, high=1000),
+            resolve_after_s=_float(env, "KIZO_RESOLVE_AFTER_S", 30.0, low=0.0, high=86_400),
+            reconcile_grace_s=_float(env, "KIZO_RECONCILE_GRACE_S", 60.0, low=0.0, high=86_400),
+            janitor_metrics_port=_int(env, "KIZO_JANITOR_METRICS_PORT", 8201, low=0, high=65535),
+            bank_timeout_s=_float(env, "KIZO_BANK_TIMEOUT_S", 5.0, low=0.05, high=120),
         )
         auth = AuthConfig(pepper=_str(env, "KIZO_PEPPER", AuthConfig.pepper))
         return cls(

@@ -9,6 +9,7 @@ Set ``KIZO_TEST_DATABASE_URL`` (a server URL whose user may create databases) an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -188,14 +189,14 @@ def kizo_env(servers: ServerSet, db_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def bank(servers: ServerSet) -> Iterator[BankProcess]:
-    """One real mock bank process for the session, on its own database."""
+@contextlib.contextmanager
+def running_bank(servers: ServerSet, database: str) -> Iterator[BankProcess]:
+    """A real mock bank process on a database of its own (created on first start)."""
     port = free_port()
     env = kizo_env(
         servers,
         servers.pg_url("kizo"),
-        BANK_DATABASE_URL=servers.pg_url(f"bank_t{os.getpid()}"),
+        BANK_DATABASE_URL=servers.pg_url(database),
         KIZO_BANK_PORT=str(port),
         KIZO_BANK_DROP_HOLD_S="3",
     )
@@ -211,6 +212,20 @@ def bank(servers: ServerSet) -> Iterator[BankProcess]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def bank(servers: ServerSet) -> Iterator[BankProcess]:
+    """One real mock bank process shared by the session."""
+    with running_bank(servers, f"bank_t{os.getpid()}") as process:
+        yield process
+
+
+@pytest.fixture
+def own_bank(servers: ServerSet, db_name: str) -> Iterator[BankProcess]:
+    """A bank whose statement holds only this test's payments (for reconciliation)."""
+    with running_bank(servers, f"{db_name}_bank") as process:
+        yield process
 
 
 @pytest.fixture

@@ -1,0 +1,80 @@
+"""The janitor process: a pass every interval (or once), metrics on its own port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import asyncpg
+import structlog
+from prometheus_client import Counter, Gauge, start_http_server
+from redis.asyncio import Redis
+
+from actors.bank_client import BankClient
+from actors.janitor import JanitorDeps, PassSummary, run_pass
+from actors.routing import QueueSet
+from kizo.config import Config
+
+log = structlog.get_logger("kizo.janitor")
+
+FINDINGS = Gauge("kizo_janitor_findings", "Open findings of the last pass", ["kind"])
+NEEDS_ATTENTION = Gauge("kizo_needs_attention", "Pending intents past their re-drive limit")
+REDRIVEN = Counter("kizo_janitor_redriven_total", "Intents re-enqueued")
+RESOLVED = Counter("kizo_janitor_resolved_total", "Unknown bank outcomes resolved")
+PASSES = Counter("kizo_janitor_passes_total", "Janitor passes", ["result"])
+
+
+def _publish(summary: PassSummary) -> None:
+    FINDINGS.clear()
+    for finding in summary.findings:
+        FINDINGS.labels(finding.kind).inc()
+    NEEDS_ATTENTION.set(summary.needs_attention)
+    REDRIVEN.inc(summary.redriven)
+    RESOLVED.inc(summary.resolved)
+    PASSES.labels("clean" if not summary.findings else "findings").inc()
+
+
+async def main(config: Config, *, once: bool) -> int:
+    p = config.pipeline
+    pool = await asyncpg.create_pool(config.pg_url(), min_size=1, max_size=3, command_timeout=60)
+    assert pool is not None
+    redis = Redis.from_url(config.valkey_url(), socket_timeout=5, socket_connect_timeout=2)
+    bank = BankClient(
+        f"http://{config.host}:{config.bank_port}",
+        timeout_s=p.bank_timeout_s,
+        retries_max=p.bank_retries_max,
+    )
+    deps = JanitorDeps(pool, QueueSet(redis, p.shards), bank, p)
+    try:
+        if once:
+            summary = await run_pass(deps)
+            print(summary.line())
+            for f in summary.findings:
+                print(f"finding {f.kind} {f.subject}: {f.detail}")
+            return 1 if summary.findings else 0
+        if p.janitor_metrics_port:
+            start_http_server(p.janitor_metrics_port, addr=config.host)
+        await _loop(deps, p.janitor_interval_s)
+        return 0
+    finally:
+        await bank.aclose()
+        await redis.aclose()
+        await pool.close()
+
+
+async def _loop(deps: JanitorDeps, interval_s: float) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    while not stop.is_set():
+        try:
+            summary = await run_pass(deps)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("janitor_pass_failed", error=repr(exc))
+        else:
+            _publish(summary)
+            log.info(summary.line())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)

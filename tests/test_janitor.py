@@ -1,0 +1,223 @@
+"""The janitor against real PostgreSQL, Valkey and a real bank process."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from actors.bank_client import BankClient
+from actors.janitor import JanitorDeps, run_pass
+from actors.routing import QueueSet, queue_name, shard_for
+from engine import BANK_SETTLEMENT, Action, NewIntent, Op, apply_batch, system_account
+from kizo.config import PipelineConfig
+from kizo.servers import free_port
+from tests._ledger_helpers import funded, intents
+from tests.conftest import BankProcess, ServerSet, kizo_env
+
+SHARDS = 4
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = PipelineConfig(
+    shards=SHARDS,
+    redrive_after_s=0.0,
+    resolve_after_s=0.0,
+    reconcile_grace_s=0.0,
+    redrive_attempts_max=3,
+    bank_timeout_s=2,
+)
+
+
+@pytest_asyncio.fixture
+async def deps(
+    pool: asyncpg.Pool, servers: ServerSet, own_bank: BankProcess, redis_client: Redis
+) -> AsyncIterator[JanitorDeps]:
+    bank = BankClient(own_bank.url, timeout_s=2, retries_max=1)
+    try:
+        yield JanitorDeps(pool, QueueSet(redis_client, SHARDS), bank, FAST)
+    finally:
+        await bank.aclose()
+
+
+async def _funded(deps: JanitorDeps, amounts: list[int]) -> list[uuid.UUID]:
+    """Accounts funded the real way: collected at the bank, then credited."""
+    users = await funded(deps.pool, [0] * len(amounts))
+    bank = await system_account(deps.pool, BANK_SETTLEMENT)
+    deposits = await intents(
+        deps.pool,
+        [NewIntent("deposit", bank, u, a) for u, a in zip(users, amounts, strict=True) if a],
+    )
+    for txn, (user, amount) in zip(
+        deposits, [(u, a) for u, a in zip(users, amounts, strict=True) if a], strict=True
+    ):
+        assert (await deps.bank.collect(txn, user, amount, "USD")).outcome == "succeeded"
+    await apply_batch(deps.pool, [Op(t, Action.CREDIT) for t in deposits])
+    return users
+
+
+async def _job_exists(redis: Redis, txn_id: uuid.UUID, account: uuid.UUID) -> bool:
+    name = queue_name(shard_for(account, SHARDS))
+    return bool(await redis.exists(f"saq:job:{name}:{txn_id}"))
+
+
+@pytest.mark.asyncio
+async def test_redrive_enqueues_stuck_intents_once_then_backs_off(
+    deps: JanitorDeps, redis_client: Redis
+) -> None:
+    alice, bob = await _funded(deps, [100, 0])
+    [txn] = await intents(deps.pool, [NewIntent("transfer", alice, bob, 10)])
+    first = await run_pass(deps)
+    assert first.redriven == 1
+    assert await _job_exists(redis_client, txn, alice)
+    second = await run_pass(deps)
+    assert second.redriven == 0  # backoff: next attempt not due yet
+    assert await deps.pool.fetchval("SELECT attempts FROM transactions WHERE id = $1", txn) == 1
+
+
+@pytest.mark.asyncio
+async def test_attempts_exhausted_flags_needs_attention(deps: JanitorDeps) -> None:
+    alice, bob = await _funded(deps, [100, 0])
+    [txn] = await intents(deps.pool, [NewIntent("transfer", alice, bob, 10)])
+    flagged = 0
+    for _ in range(FAST.redrive_attempts_max + 1):
+        await deps.pool.execute("UPDATE transactions SET next_attempt_at = NULL WHERE id = $1", txn)
+        summary = await run_pass(deps)
+        flagged += summary.flagged
+    row = await deps.pool.fetchrow(
+        "SELECT needs_attention, status FROM transactions WHERE id = $1", txn
+    )
+    assert row is not None
+    assert (row["needs_attention"], row["status"]) == (True, "pending")
+    assert (flagged, summary.needs_attention) == (1, 1)
+
+
+@pytest.mark.asyncio
+async def test_redis_down_the_rest_of_the_pass_still_runs(deps: JanitorDeps) -> None:
+    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    broken = dataclasses.replace(deps, queues=QueueSet(dead, SHARDS))
+    alice, bob = await _funded(deps, [100, 0])
+    await intents(deps.pool, [NewIntent("transfer", alice, bob, 10)])
+    await deps.pool.execute("UPDATE balances SET posted = posted + 1 WHERE account_id = $1", bob)
+    try:
+        summary = await run_pass(broken)
+    finally:
+        await dead.aclose()
+    assert not summary.redis_ok
+    assert "audit:balance_mismatch" in {f.kind for f in summary.findings}
+
+
+async def _held_withdrawal(deps: JanitorDeps, amount: int) -> tuple[uuid.UUID, uuid.UUID]:
+    pool = deps.pool
+    [alice] = await _funded(deps, [1_000])
+    bank = await system_account(pool, BANK_SETTLEMENT)
+    [txn] = await intents(pool, [NewIntent("withdrawal", alice, bank, amount)])
+    [held] = await apply_batch(pool, [Op(txn, Action.HOLD)])
+    assert held.status == "processing"
+    return alice, txn
+
+
+async def _payouts(bank_url: str, key: uuid.UUID) -> dict[str, object]:
+    async with httpx.AsyncClient(timeout=5) as client:
+        response = await client.get(f"{bank_url}/payments/{key}")
+    assert response.status_code == 200
+    return dict(response.json())
+
+
+@pytest.mark.asyncio
+async def test_a_payout_the_bank_made_but_we_never_heard_of_is_posted(
+    deps: JanitorDeps, own_bank: BankProcess
+) -> None:
+    alice, txn = await _held_withdrawal(deps, 400)
+    made = await deps.bank.payout(txn, alice, 400, "USD")  # the answer we "lost"
+    assert made.outcome == "succeeded"
+    summary = await run_pass(deps)
+    assert summary.resolved == 1
+    assert (
+        await deps.pool.fetchval("SELECT status FROM transactions WHERE id = $1", txn) == "settled"
+    )
+    assert (
+        await deps.pool.fetchval("SELECT posted FROM balances WHERE account_id = $1", alice) == 600
+    )
+    assert (await _payouts(own_bank.url, txn))["status"] == "succeeded"
+    assert summary.findings == []
+
+
+@pytest.mark.asyncio
+async def test_a_payout_the_bank_never_saw_is_reissued_once(
+    deps: JanitorDeps, own_bank: BankProcess
+) -> None:
+    alice, txn = await _held_withdrawal(deps, 250)
+    summary = await run_pass(deps)
+    assert summary.resolved == 1
+    assert (
+        await deps.pool.fetchval("SELECT status FROM transactions WHERE id = $1", txn) == "settled"
+    )
+    async with httpx.AsyncClient(timeout=5) as client:
+        balance = (await client.get(f"{own_bank.url}/admin/accounts/{alice}")).json()
+    assert balance["balance_minor"] == 100_000_000 - 1_000 + 250  # collected once, paid once
+    again = await run_pass(deps)
+    assert (again.resolved, again.findings) == (0, [])
+
+
+@pytest.mark.asyncio
+async def test_a_bank_payment_without_a_kizo_transaction_is_a_finding(deps: JanitorDeps) -> None:
+    stray = uuid.uuid4()
+    assert (await deps.bank.payout(stray, uuid.uuid4(), 99, "USD")).outcome == "succeeded"
+    summary = await run_pass(deps)
+    assert [(f.kind, f.subject) for f in summary.findings] == [("bank_without_kizo", str(stray))]
+    stored = await deps.pool.fetch(
+        "SELECT kind, subject FROM reconciliation_findings WHERE resolved_at IS NULL"
+    )
+    assert [(r["kind"], r["subject"]) for r in stored] == [("bank_without_kizo", str(stray))]
+    await run_pass(deps)  # recurring: still one open row
+    assert await deps.pool.fetchval("SELECT count(*) FROM reconciliation_findings") == 1
+
+
+def _janitor_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kizo.cli", "janitor", "--once"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.asyncio
+async def test_kizo_janitor_once_exit_code_speaks_for_the_ledger(
+    servers: ServerSet, db_url: str, deps: JanitorDeps, own_bank: BankProcess
+) -> None:
+    pool = deps.pool
+    alice, bob = await _funded(deps, [500, 0])
+    [txn] = await intents(pool, [NewIntent("transfer", alice, bob, 100)])
+    await apply_batch(pool, [Op(txn, Action.TRANSFER)])
+    env = kizo_env(
+        servers,
+        db_url,
+        KIZO_BANK_PORT=own_bank.url.rsplit(":", 1)[1],
+        KIZO_RECONCILE_GRACE_S="0",
+        KIZO_SHARDS=str(SHARDS),
+    )
+    clean = await asyncio.to_thread(_janitor_once, env)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "findings=0" in clean.stdout
+    # Corrupt one posting: the janitor must say so and exit 1.
+    await pool.execute(
+        "UPDATE postings SET amount_minor = amount_minor + 1"
+        " WHERE transaction_id = $1 AND amount_minor > 0",
+        txn,
+    )
+    dirty = await asyncio.to_thread(_janitor_once, env)
+    assert dirty.returncode == 1
+    assert "finding audit:transaction_unbalanced" in dirty.stdout
+    assert "Traceback" not in dirty.stderr
