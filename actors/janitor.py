@@ -90,7 +90,7 @@ UPDATE transactions t SET
     needs_attention = t.attempts + 1 > $3,
     next_attempt_at = now() + make_interval(secs => least($4, $5 * 2 ^ t.attempts))
 FROM due WHERE t.id = due.id
-RETURNING t.id, t.kind, t.source_id, t.dest_id, t.needs_attention
+RETURNING t.id, t.kind, t.source_id, t.dest_id, t.needs_attention, t.attempts
 """
 
 
@@ -106,7 +106,7 @@ async def redrive(deps: JanitorDeps, summary: PassSummary) -> None:
     )
     summary.flagged = sum(1 for r in rows if r["needs_attention"])
     due = [
-        Routed(r["id"], actor_account(r["kind"], r["source_id"], r["dest_id"]))
+        Routed(r["id"], actor_account(r["kind"], r["source_id"], r["dest_id"]), r["attempts"])
         for r in rows
         if not r["needs_attention"]
     ]

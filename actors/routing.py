@@ -20,7 +20,9 @@ from saq.queue.redis import RedisQueue
 SETTLE_JOB = "settle"
 QUEUE_PREFIX = "settle-"
 # A job that does not finish in this time is retried by SAQ; the ledger makes the retry safe.
-JOB_TIMEOUT_S = 60
+# It is also how long the jobs of a worker that died stay "active" before SAQ's sweep hands
+# them to another: longer than one bank call (timeout 5 s), short enough to recover promptly.
+JOB_TIMEOUT_S = 15
 JOB_RETRIES_MAX = 5
 JOB_TTL_S = 600
 
@@ -41,10 +43,18 @@ def actor_account(kind: str, source_id: uuid.UUID, dest_id: uuid.UUID) -> uuid.U
 
 @dataclass(frozen=True)
 class Routed:
-    """One intent to hand to its shard's queue."""
+    """One intent to hand to its shard's queue. ``attempt`` 0 is the first enqueue (the API's);
+    a re-drive passes its attempt number so that it gets a job of its own even when the first
+    job is stuck "active" in SAQ under a worker that died (SAQ sweeps those only one by one,
+    slowly). Two jobs for one intent are harmless: the ledger applies it once."""
 
     txn_id: uuid.UUID
     account_id: uuid.UUID
+    attempt: int = 0
+
+    @property
+    def job_key(self) -> str:
+        return str(self.txn_id) if self.attempt == 0 else f"{self.txn_id}#{self.attempt}"
 
 
 class QueueSet:
@@ -66,7 +76,7 @@ class QueueSet:
         for item in items:
             job = await self.for_account(item.account_id).enqueue(
                 SETTLE_JOB,
-                key=str(item.txn_id),
+                key=item.job_key,
                 timeout=JOB_TIMEOUT_S,
                 retries=JOB_RETRIES_MAX,
                 ttl=JOB_TTL_S,

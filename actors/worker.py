@@ -18,7 +18,7 @@ import asyncpg
 import structlog
 from redis.asyncio import Redis
 from saq import Worker
-from saq.types import Context
+from saq.types import Context, PartialTimersDict
 
 from actors._actor import Limits, Registry
 from actors._committer import Committer
@@ -33,6 +33,7 @@ DB_POOL_SIZE = 4
 # by themselves) before cancelling: long enough for a batch commit, short enough for Ctrl-C.
 SHUTDOWN_GRACE_S = 3
 SHARD_CONCURRENCY_MIN = 20
+SWEEP_INTERVAL_S = 5
 UPKEEP_CONNECTIONS = 8
 
 
@@ -118,6 +119,8 @@ def _saq_worker(queue: Any, registry: Registry, concurrency: int) -> Worker[Sett
         concurrency=concurrency,
         shutdown_grace_period_s=SHUTDOWN_GRACE_S,
         dequeue_timeout=1.0,
+        # Sweep for the stuck jobs of dead workers often (SAQ's default is once a minute).
+        timers=PartialTimersDict(schedule=1, worker_info=10, sweep=SWEEP_INTERVAL_S, abort=1),
     )
     worker.SIGNALS = []  # one handler for the process, below, stops every consumer
     worker.context["registry"] = registry

@@ -13,7 +13,11 @@ from collections.abc import Sequence
 import asyncpg
 from redis.asyncio import Redis
 
+from actors.bank_client import BankClient
+from actors.janitor import JanitorDeps, PassSummary, run_pass
 from actors.routing import QueueSet, Routed, actor_account
+from engine import BANK_SETTLEMENT, Action, NewIntent, Op, apply_batch, system_account
+from tests._ledger_helpers import funded, intents
 from tests.conftest import ServerSet, kizo_env
 
 SHARDS = 4
@@ -73,3 +77,29 @@ async def wait_final(
         if time.monotonic() > deadline:
             raise AssertionError(f"not final within {timeout_s}s: {counts}")
         await asyncio.sleep(0.1)
+
+
+async def bank_funded(
+    pool: asyncpg.Pool, bank: BankClient, amounts: Sequence[int]
+) -> list[uuid.UUID]:
+    """Accounts funded the real way: collected at the bank, then credited (so the janitor's
+    reconciliation has nothing to say about them)."""
+    users = await funded(pool, [0] * len(amounts))
+    bank_account = await system_account(pool, BANK_SETTLEMENT)
+    paying = [(u, a) for u, a in zip(users, amounts, strict=True) if a]
+    deposits = await intents(pool, [NewIntent("deposit", bank_account, u, a) for u, a in paying])
+    for txn, (user, amount) in zip(deposits, paying, strict=True):
+        assert (await bank.collect(txn, user, amount, "USD")).outcome == "succeeded"
+    await apply_batch(pool, [Op(t, Action.CREDIT) for t in deposits])
+    return users
+
+
+async def janitor_until_quiet(deps: JanitorDeps, passes_max: int = 10) -> PassSummary:
+    """Run janitor passes (bounded) until one resolves nothing and re-drives nothing."""
+    summary = await run_pass(deps)
+    for _ in range(passes_max):
+        if summary.resolved == 0 and summary.redriven == 0:
+            break
+        await asyncio.sleep(0.5)
+        summary = await run_pass(deps)
+    return summary

@@ -87,6 +87,7 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         "KIZO_REDIS_PORT": str(free_port()),
         "KIZO_API_PORT": str(free_port()),
         "KIZO_BANK_PORT": str(free_port()),
+        "KIZO_JANITOR_METRICS_PORT": str(free_port()),
         "KIZO_PG_FSYNC": "off",
     }
     env.pop("DATABASE_URL", None)
@@ -114,6 +115,8 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         output = "".join(lines)
         assert "ready" in output, output
         assert "PostgreSQL  postgresql://" in output
+        for child in ("bank", "worker-0", "janitor"):
+            assert f"starting {child}" in output
         servers = _descendants_alive(proc.pid)
         names = " ".join(p.name() for p in servers)
         assert "postgres" in names

@@ -1,0 +1,187 @@
+"""Faults in the settlement pipeline: a worker killed, Redis gone, the bank dropping answers.
+
+After each, every intent is final, nothing was paid twice, and a janitor pass reports zero
+findings. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+import redis.exceptions
+from redis.asyncio import Redis
+
+from actors.bank_client import BankClient
+from actors.janitor import JanitorDeps, run_pass
+from actors.routing import QueueSet
+from engine import BANK_SETTLEMENT, NewIntent, system_account
+from kizo.config import PipelineConfig
+from tests._ledger_helpers import intents
+from tests._pipeline_helpers import (
+    SHARDS,
+    bank_funded,
+    enqueue,
+    janitor_until_quiet,
+    start_worker,
+    stop_worker,
+    wait_final,
+)
+from tests.conftest import BankProcess, ServerSet
+
+FAST = PipelineConfig(
+    shards=SHARDS,
+    redrive_after_s=0.5,
+    redrive_backoff_base_s=0.5,
+    resolve_after_s=0.0,
+    reconcile_grace_s=0.0,
+    bank_timeout_s=2,
+)
+
+
+@pytest_asyncio.fixture
+async def deps(
+    pool: asyncpg.Pool, servers: ServerSet, own_bank: BankProcess, redis_client: Redis
+) -> AsyncIterator[JanitorDeps]:
+    bank = BankClient(own_bank.url, timeout_s=2, retries_max=1)
+    try:
+        yield JanitorDeps(pool, QueueSet(redis_client, SHARDS), bank, FAST)
+    finally:
+        await bank.aclose()
+
+
+async def _with_janitor(deps: JanitorDeps, waiting: Coroutine[Any, Any, object]) -> None:
+    """Await ``waiting`` while janitor passes run every half second, as in production."""
+    task = asyncio.ensure_future(waiting)
+    try:
+        while not task.done():
+            await run_pass(deps)
+            await asyncio.wait([task], timeout=0.5)
+    finally:
+        task.cancel()
+    task.result()
+
+
+async def _assert_clean(deps: JanitorDeps, txn_ids: Sequence[object]) -> None:
+    summary = await janitor_until_quiet(deps)
+    assert summary.findings == []
+    open_count = await deps.pool.fetchval(
+        "SELECT count(*) FROM transactions WHERE status NOT IN ('settled', 'failed')"
+    )
+    assert open_count == 0
+
+
+@pytest.mark.asyncio
+async def test_worker_killed_mid_flight_then_restarted(
+    servers: ServerSet, db_url: str, deps: JanitorDeps, own_bank: BankProcess
+) -> None:
+    rng = random.Random(11)
+    users = await bank_funded(deps.pool, deps.bank, [50_000] * 40)
+    pairs = [rng.sample(users, 2) for _ in range(4000)]
+    ids = await intents(
+        deps.pool, [NewIntent("transfer", a, b, rng.randint(1, 100)) for a, b in pairs]
+    )
+    worker = start_worker(servers, db_url, own_bank.url)
+    try:
+        await enqueue(deps.pool, servers.redis_url, ids)
+        for _ in range(600):  # bounded: until some, not all, have settled
+            done = await deps.pool.fetchval(
+                "SELECT count(*) FROM transactions"
+                " WHERE id = ANY($1::uuid[]) AND status <> 'pending'",
+                ids,
+            )
+            if done > 0:
+                break
+            await asyncio.sleep(0.01)
+        assert stop_worker(worker, signal.SIGKILL) == -signal.SIGKILL
+        assert 0 < done < len(ids)
+        worker = start_worker(servers, db_url, own_bank.url)
+        # The dead worker's jobs are stuck "active" in SAQ; the janitor re-drives their intents.
+        await _with_janitor(deps, wait_final(deps.pool, ids, timeout_s=90))
+    finally:
+        stop_worker(worker)
+    await _assert_clean(deps, ids)
+    postings = await deps.pool.fetchval(
+        "SELECT count(*) FROM postings p JOIN transactions t ON t.id = p.transaction_id"
+        " WHERE t.kind = 'transfer'"
+    )
+    settled = await deps.pool.fetchval(
+        "SELECT count(*) FROM transactions WHERE kind = 'transfer' AND status = 'settled'"
+    )
+    assert postings == 2 * settled
+
+
+@pytest.mark.asyncio
+async def test_redis_down_while_intents_are_created_then_back(
+    servers: ServerSet, db_url: str, deps: JanitorDeps, own_bank: BankProcess
+) -> None:
+    if servers.valkey is None:
+        pytest.skip("needs the embedded Valkey to stop and start it")
+    users = await bank_funded(deps.pool, deps.bank, [5_000] * 6)
+    worker = start_worker(servers, db_url, own_bank.url)
+    try:
+        servers.valkey.kill()
+        ids = await intents(
+            deps.pool,
+            [NewIntent("transfer", users[i % 6], users[(i + 1) % 6], 10 + i) for i in range(60)],
+        )
+        with pytest.raises((redis.exceptions.ConnectionError, OSError)):
+            await enqueue(deps.pool, servers.redis_url, ids)  # what the API meets: it answers 202
+        servers.valkey.start()
+        await asyncio.sleep(FAST.redrive_after_s)
+        fresh = Redis.from_url(servers.redis_url, socket_timeout=5)
+        try:
+            relay = JanitorDeps(deps.pool, QueueSet(fresh, SHARDS), deps.bank, FAST)
+            summary = await janitor_until_quiet(relay)
+            assert summary.redis_ok
+            await wait_final(deps.pool, ids, timeout_s=60)
+            await _assert_clean(relay, ids)
+        finally:
+            await fresh.aclose()
+    finally:
+        stop_worker(worker)
+    statuses = await deps.pool.fetch(
+        "SELECT DISTINCT status FROM transactions WHERE id = ANY($1::uuid[])", ids
+    )
+    assert [r["status"] for r in statuses] == ["settled"]
+
+
+@pytest.mark.asyncio
+async def test_bank_drops_payout_answers_no_double_payout(
+    servers: ServerSet, db_url: str, deps: JanitorDeps, own_bank: BankProcess
+) -> None:
+    users = await bank_funded(deps.pool, deps.bank, [10_000] * 5)
+    bank_account = await system_account(deps.pool, BANK_SETTLEMENT)
+    async with httpx.AsyncClient(base_url=own_bank.url, timeout=5) as client:
+        await client.put("/admin/faults", json={"drop_rate": 1.0, "seed": 2})
+        ids = await intents(
+            deps.pool, [NewIntent("withdrawal", u, bank_account, 1_000) for u in users]
+        )
+        worker = start_worker(servers, db_url, own_bank.url, KIZO_BANK_TIMEOUT_S="0.5")
+        try:
+            await enqueue(deps.pool, servers.redis_url, ids)
+            counts = await wait_final(deps.pool, ids, timeout_s=30, final=("processing",))
+            assert counts == {
+                "processing": len(ids)
+            }  # outcome unknown: neither posted nor released
+        finally:
+            stop_worker(worker)
+        await client.delete("/admin/faults")
+        await asyncio.sleep(3.5)  # the bank's held answers run out (KIZO_BANK_DROP_HOLD_S=3)
+        await _assert_clean(deps, ids)
+        for user, txn in zip(users, ids, strict=True):
+            payment = (await client.get(f"/payments/{txn}")).json()
+            assert (payment["kind"], payment["status"]) == ("payout", "succeeded")
+            account = (await client.get(f"/admin/accounts/{user}")).json()
+            assert account["balance_minor"] == 100_000_000 - 10_000 + 1_000  # paid out once
+    rows = await deps.pool.fetch(
+        "SELECT b.posted, b.pending FROM balances b WHERE account_id = ANY($1::uuid[])", users
+    )
+    assert {(r["posted"], r["pending"]) for r in rows} == {(9_000, 0)}
