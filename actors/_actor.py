@@ -132,16 +132,22 @@ class Registry:
         await done
 
     async def settle(self, txn_ids: Sequence[uuid.UUID]) -> None:
-        """Settle one actor's batch: ledger first, then the bank, then the ledger again."""
-        rows = await self.pool.fetch(_LOAD, list(dict.fromkeys(txn_ids)))
-        transfers = [Op(r["id"], Action.TRANSFER) for r in rows if r["kind"] == "transfer"]
+        """Settle one actor's batch. Most work is transfers, which need nothing but the ledger:
+        every id goes to the ledger as a TRANSFER first (for a deposit or withdrawal that is a
+        no-op, reported as not applied), and only what is left is loaded and handled."""
+        ids = list(dict.fromkeys(txn_ids))
+        first = await self.committer.apply([Op(t, Action.TRANSFER) for t in ids])
+        rest = [o.txn_id for o in first if not o.applied and o.status in ("pending", "processing")]
+        if not rest:
+            return
+        rows = await self.pool.fetch(_LOAD, rest)
         holds = [
             Op(r["id"], Action.HOLD)
             for r in rows
             if r["kind"] == "withdrawal" and r["status"] == "pending"
         ]
-        outcomes = await self.committer.apply(transfers + holds)
-        held = {o.txn_id for o in outcomes if o.action is Action.HOLD and o.status == "processing"}
+        outcomes = await self.committer.apply(holds)
+        held = {o.txn_id for o in outcomes if o.status == "processing"}
         to_bank = [
             r
             for r in rows

@@ -18,6 +18,10 @@ from redis.asyncio import Redis
 from saq.queue.redis import RedisQueue
 
 SETTLE_JOB = "settle"
+# Bulk path: one job carries up to SETTLE_MANY_MAX intents of one shard, so SAQ's per-job
+# Redis round trips are paid once per group instead of once per intent.
+SETTLE_MANY_JOB = "settle_many"
+SETTLE_MANY_MAX = 100
 QUEUE_PREFIX = "settle-"
 # A job that does not finish in this time is retried by SAQ; the ledger makes the retry safe.
 # It is also how long the jobs of a worker that died stay "active" before SAQ's sweep hands
@@ -85,3 +89,27 @@ class QueueSet:
             )
             created += job is not None
         return created
+
+    async def enqueue_grouped(
+        self, items: Sequence[Routed], per_job_max: int = SETTLE_MANY_MAX
+    ) -> int:
+        """Enqueue intents in groups per shard, one ``settle_many`` job per group; returns
+        the number of jobs. Each job has a key of its own (no dedupe across calls): a second
+        enqueue of the same intent costs a job, and the ledger applies the intent once."""
+        by_shard: dict[int, list[Routed]] = {}
+        for item in items:
+            by_shard.setdefault(shard_for(item.account_id, self.shards), []).append(item)
+        jobs = 0
+        for shard, routed in by_shard.items():
+            for start in range(0, len(routed), per_job_max):
+                group = routed[start : start + per_job_max]
+                await self.queues[shard].enqueue(
+                    SETTLE_MANY_JOB,
+                    key=f"group-{uuid.uuid4()}",
+                    timeout=JOB_TIMEOUT_S,
+                    retries=JOB_RETRIES_MAX,
+                    ttl=JOB_TTL_S,
+                    items=[[str(r.txn_id), str(r.account_id)] for r in group],
+                )
+                jobs += 1
+        return jobs

@@ -23,7 +23,7 @@ from saq.types import Context, PartialTimersDict
 from actors._actor import Limits, Registry
 from actors._committer import Committer
 from actors.bank_client import BankClient
-from actors.routing import SETTLE_JOB, QueueSet
+from actors.routing import SETTLE_JOB, SETTLE_MANY_JOB, QueueSet
 from kizo.config import Config
 
 log = structlog.get_logger("kizo.worker")
@@ -48,6 +48,13 @@ class WorkerSpec:
 def owned_shards(total: int, index: int, of: int) -> list[int]:
     """Worker ``index`` of ``of`` owns every ``of``-th shard starting at ``index``."""
     return [s for s in range(total) if s % of == index]
+
+
+async def _settle_many(ctx: SettleContext, *, items: list[list[str]]) -> None:
+    registry = ctx["registry"]
+    await asyncio.gather(
+        *(registry.submit(uuid.UUID(account), uuid.UUID(txn)) for txn, account in items)
+    )
 
 
 class SettleContext(Context, total=False):
@@ -115,7 +122,7 @@ class _Stopped(Exception):
 def _saq_worker(queue: Any, registry: Registry, concurrency: int) -> Worker[SettleContext]:
     worker: Worker[SettleContext] = Worker(
         queue,
-        functions=[(SETTLE_JOB, _settle)],
+        functions=[(SETTLE_JOB, _settle), (SETTLE_MANY_JOB, _settle_many)],
         concurrency=concurrency,
         shutdown_grace_period_s=SHUTDOWN_GRACE_S,
         dequeue_timeout=1.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from kizo.cli import Command, UsageError, register
 from kizo.config import Config
@@ -23,24 +24,57 @@ def _bounded(low: int, high: int) -> type[int]:
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=["ledger"], help="what to measure")
+    parser.add_argument("name", choices=["ledger", "pipeline"], help="what to measure")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--transfers", type=_bounded(100, 2_000_000), default=40_000)
-    parser.add_argument("--accounts", type=_bounded(10, 1_000_000), default=20_000)
+    parser.add_argument("--transfers", type=_bounded(100, 2_000_000), help="default 40k / 20k")
+    parser.add_argument("--accounts", type=_bounded(10, 1_000_000), help="default 20k / 5k")
     parser.add_argument("--batch-size", type=_bounded(1, 5000), default=200)
     parser.add_argument("--clients", type=_bounded(1, 64), default=4)
     parser.add_argument("--pgbench-seconds", type=_bounded(1, 600), default=10)
     parser.add_argument("--seed", type=int, default=1)
+    pipeline = parser.add_argument_group("pipeline")
+    pipeline.add_argument("--workers", type=_bounded(1, 16), default=2)
+    pipeline.add_argument("--lag-seconds", type=_bounded(1, 600), default=10)
+    pipeline.add_argument(
+        "--rate-share",
+        type=_bounded(1, 100),
+        default=60,
+        help="offered rate for the lag run, in %% of measured capacity",
+    )
 
 
 def _bench(config: Config, args: argparse.Namespace) -> int:
+    if args.accounts is not None and args.accounts < 3:
+        raise UsageError("--accounts must be at least 3")
+    report, text = (_ledger if args.name == "ledger" else _pipeline)(config, args)
+    print(json.dumps(report) if args.json else text)
+    return 0
+
+
+def _pipeline(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from actors.bench import PipelineBenchParams, run, table
+
+    params = PipelineBenchParams(
+        transfers=args.transfers or 20_000,
+        accounts=args.accounts or 5_000,
+        workers=args.workers,
+        shards=config.pipeline.shards,
+        lag_seconds=args.lag_seconds,
+        rate_share=args.rate_share / 100,
+        clients=args.clients,
+        pgbench_seconds=args.pgbench_seconds,
+        seed=args.seed,
+    )
+    report = run(params)
+    return report, table(report)
+
+
+def _ledger(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from kizo.bench_ledger import LedgerBenchParams, run, table
 
-    if args.accounts < 3:
-        raise UsageError("--accounts must be at least 3")
     params = LedgerBenchParams(
-        transfers=args.transfers,
-        accounts=args.accounts,
+        transfers=args.transfers or 40_000,
+        accounts=args.accounts or 20_000,
         batch_size=args.batch_size,
         clients=args.clients,
         pgbench_seconds=args.pgbench_seconds,
@@ -48,8 +82,7 @@ def _bench(config: Config, args: argparse.Namespace) -> int:
         currency=config.ledger.currency,
     )
     report = run(params, config.database_url)
-    print(json.dumps(report) if args.json else table(report))
-    return 0
+    return report, table(report)
 
 
-register(Command("bench", "measure the ledger against pgbench", _bench, _configure))
+register(Command("bench", "measure the ledger or the pipeline against pgbench", _bench, _configure))

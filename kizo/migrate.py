@@ -69,9 +69,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-async def pending_migrations(
-    conn: Conn, directory: Path | None = None
-) -> list[Migration]:
+async def pending_migrations(conn: Conn, directory: Path | None = None) -> list[Migration]:
     """Migrations on disk not yet recorded; raises if a recorded one was edited afterwards."""
     exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
     applied: dict[int, str] = {}

@@ -7,10 +7,12 @@ import random
 import asyncpg
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from actors.routing import QueueSet, Routed
 from engine import BANK_SETTLEMENT, NewIntent, audit, system_account
 from tests._ledger_helpers import funded, intents
-from tests._pipeline_helpers import enqueue, start_worker, stop_worker, wait_final
+from tests._pipeline_helpers import SHARDS, enqueue, start_worker, stop_worker, wait_final
 from tests.conftest import ServerSet
 
 
@@ -90,3 +92,36 @@ async def test_deposits_and_withdrawals_go_through_the_bank(
             assert (payment["kind"], payment["status"]) == (kind, "succeeded")
         assert (await client.get(f"/payments/{too_much}")).status_code == 404
     await _exactly_once(pool)
+
+
+@pytest.mark.asyncio
+async def test_grouped_jobs_settle_every_intent_once(
+    servers: ServerSet, db_url: str, pool: asyncpg.Pool, bank_url: str, redis_client: object
+) -> None:
+    rng = random.Random(9)
+    users = await funded(pool, [10_000] * 30)
+    pairs = [rng.sample(users, 2) for _ in range(400)]
+    ids = await intents(pool, [NewIntent("transfer", a, b, 7) for a, b in pairs])
+    rows = await pool.fetch(
+        "SELECT id, source_id FROM transactions WHERE id = ANY($1::uuid[])", ids
+    )
+    redis = Redis.from_url(servers.redis_url, socket_timeout=5)
+    try:
+        queues = QueueSet(redis, SHARDS)
+        items = [Routed(r["id"], r["source_id"]) for r in rows]
+        jobs = await queues.enqueue_grouped(items, per_job_max=50)
+        assert SHARDS <= jobs <= len(items) // 50 + SHARDS
+        worker = start_worker(servers, db_url, bank_url)
+        try:
+            await queues.enqueue_grouped(items[:100], per_job_max=50)  # a duplicate group
+            await wait_final(pool, ids)
+        finally:
+            assert stop_worker(worker) == 0
+    finally:
+        await redis.aclose()
+    await _exactly_once(pool)
+    assert await pool.fetchval(
+        "SELECT count(*) FROM postings WHERE transaction_id = ANY($1::uuid[])", ids
+    ) == 2 * await pool.fetchval(
+        "SELECT count(*) FROM transactions WHERE id = ANY($1::uuid[]) AND status = 'settled'", ids
+    )
