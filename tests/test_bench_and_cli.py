@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -78,6 +79,29 @@ def _descendants_alive(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _deposit_settles_end_to_end(api: str) -> None:
+    """Through the live system: HTTP -> intent -> SAQ -> worker -> bank -> ledger."""
+    with httpx.Client(base_url=api, timeout=10) as http:
+        signup = http.post(
+            "/api/v1/auth/signup",
+            json={"email": "e2e@example.test", "password": "long enough pw", "name": "E"},
+        )
+        assert signup.status_code == 201, signup.text
+        auth = {"Authorization": f"Bearer {signup.json()['access_token']}"}
+        deposit = http.post(
+            "/api/v1/payments/deposit",
+            json={"amount": 4200},
+            headers=auth | {"Idempotency-Key": "e2e-1"},
+        )
+        assert deposit.status_code == 202
+        deadline = time.monotonic() + 30
+        while http.get("/api/v1/accounts/me", headers=auth).json()["available"] != 4200:
+            assert time.monotonic() < deadline, "the deposit did not settle"
+            time.sleep(0.1)
+        txn = http.get(f"/api/v1/transactions/{deposit.json()['id']}", headers=auth).json()
+        assert txn["status"] == "settled"
+
+
 def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
     home = tempfile.mkdtemp(prefix="kizo-up-")
     env = {
@@ -115,8 +139,9 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         output = "".join(lines)
         assert "ready" in output, output
         assert "PostgreSQL  postgresql://" in output
-        for child in ("bank", "worker-0", "janitor"):
+        for child in ("bank", "worker-0", "janitor", "api"):
             assert f"starting {child}" in output
+        _deposit_settles_end_to_end(f"http://127.0.0.1:{env['KIZO_API_PORT']}")
         servers = _descendants_alive(proc.pid)
         names = " ".join(p.name() for p in servers)
         assert "postgres" in names

@@ -1,0 +1,238 @@
+"""The API's rules, one PostgreSQL transaction each; SQL lives here, not in the handlers."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from api._problems import Problem
+from engine import (
+    BANK_SETTLEMENT,
+    TRANSACTION_COLUMNS,
+    NewIntent,
+    Transaction,
+    create_intents,
+    open_accounts,
+    system_account,
+)
+from engine._types import Conn, Db
+
+IDEMPOTENCY_WAIT_MS = 5000
+PAGE_MAX = 200
+
+
+@dataclass(frozen=True)
+class User:
+    id: uuid.UUID
+    email: str
+    name: str
+    role: str
+    account_id: uuid.UUID
+
+    def as_json(self) -> dict[str, str]:
+        return {"id": str(self.id), "email": self.email, "name": self.name, "role": self.role,
+                "account_id": str(self.account_id)}  # fmt: skip
+
+
+_USER = "id, email, name, role, account_id"
+
+
+async def create_user(pool: asyncpg.Pool, email: str, name: str, password_hash: str,
+                      currency: str) -> User:  # fmt: skip
+    async with pool.acquire() as conn, conn.transaction():
+        [account] = await open_accounts(conn, [None], currency)
+        try:
+            row = await conn.fetchrow(
+                f"INSERT INTO users (email, name, password_hash, account_id)"
+                f" VALUES ($1, $2, $3, $4) RETURNING {_USER}",
+                email,
+                name,
+                password_hash,
+                account,
+            )
+        except asyncpg.UniqueViolationError:
+            raise Problem(409, "Email taken", "an account with this email exists") from None
+        assert row is not None
+        await conn.execute("UPDATE accounts SET owner_id = $1 WHERE id = $2", row["id"], account)
+    return User(**dict(row))
+
+
+async def find_login(pool: asyncpg.Pool, email: str) -> tuple[User | None, str | None]:
+    row = await pool.fetchrow(
+        f"SELECT {_USER}, password_hash FROM users WHERE lower(email) = lower($1)", email
+    )
+    if row is None:
+        return None, None
+    values = dict(row)
+    password_hash = values.pop("password_hash")
+    return User(**values), password_hash
+
+
+async def get_user(pool: asyncpg.Pool, user_id: uuid.UUID) -> User:
+    row = await pool.fetchrow(f"SELECT {_USER} FROM users WHERE id = $1", user_id)
+    if row is None:
+        raise Problem(401, "Unauthorized", "the user of this token no longer exists")
+    return User(**dict(row))
+
+
+def request_hash(path: str, body: dict[str, Any]) -> str:
+    canonical = json.dumps([path, body], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Stored:
+    status: int
+    body: dict[str, Any]
+    replayed: bool
+    txn: Transaction | None = None
+
+
+async def _recipient(conn: Conn, to: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(to)
+    except ValueError:
+        account = await conn.fetchval("SELECT account_id FROM users WHERE lower(email) = lower($1)",
+                                      to)  # fmt: skip
+        if account is None:
+            raise Problem(
+                422, "Unknown recipient", "no user with that email or account id"
+            ) from None
+        assert isinstance(account, uuid.UUID)
+        return account
+
+
+async def pay(pool: asyncpg.Pool, user: User, key: str, path: str, kind: str,
+              body: dict[str, Any], currency: str, amount_max_minor: int) -> Stored:  # fmt: skip
+    """The idempotency record and the intent in one transaction. A concurrent request with the
+    same key waits on the record's unique index until the first commits, then replays it; if it
+    waits longer than IDEMPOTENCY_WAIT_MS, it is told 409 (still in flight)."""
+    digest = request_hash(path, body)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = '{IDEMPOTENCY_WAIT_MS}ms'")
+        try:
+            claimed = await conn.fetchval(
+                "INSERT INTO idempotency_keys (scope, key, request_hash) VALUES ($1, $2, $3)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                str(user.id),
+                key,
+                digest,
+            )
+        except asyncpg.LockNotAvailableError:
+            raise Problem(409, "Request in flight",
+                          "a request with this idempotency key is still being processed",
+                          headers={"Retry-After": "1"}) from None  # fmt: skip
+        if not claimed:
+            return await _replay(conn, user, key, digest)
+        txn = await _create(conn, user, kind, body, currency, amount_max_minor)
+        response = await transaction_json(conn, txn, user)
+        await conn.execute(
+            "UPDATE idempotency_keys SET state = 'done', status_code = 202, response_body = $3,"
+            " transaction_id = $4 WHERE scope = $1 AND key = $2",
+            str(user.id),
+            key,
+            json.dumps(response),
+            txn.id,
+        )
+    return Stored(202, response, False, txn)
+
+
+async def _replay(conn: Conn, user: User, key: str, digest: str) -> Stored:
+    row = await conn.fetchrow(
+        "SELECT request_hash, state, status_code, response_body FROM idempotency_keys"
+        " WHERE scope = $1 AND key = $2",
+        str(user.id),
+        key,
+    )
+    assert row is not None
+    if row["request_hash"] != digest:
+        raise Problem(422, "Idempotency key reused",
+                      "this idempotency key was used with a different request")  # fmt: skip
+    if row["state"] != "done":
+        raise Problem(409, "Request in flight", "retry shortly", headers={"Retry-After": "1"})
+    return Stored(row["status_code"], json.loads(row["response_body"]), True)
+
+
+async def _create(conn: Conn, user: User, kind: str, body: dict[str, Any],
+                  currency: str, amount_max_minor: int) -> Transaction:  # fmt: skip
+    bank = await system_account(conn, BANK_SETTLEMENT)
+    amount = body["amount"]
+    if kind == "deposit":
+        intent = NewIntent("deposit", bank, user.account_id, amount)
+    elif kind == "withdrawal":
+        intent = NewIntent("withdrawal", user.account_id, bank, amount)
+    else:
+        dest = await _recipient(conn, body["to"])
+        intent = NewIntent("transfer", user.account_id, dest, amount, body.get("note"))
+    [txn] = await create_intents(conn, [intent], currency=currency,
+                                 amount_max_minor=amount_max_minor)  # fmt: skip
+    return txn
+
+
+def _rfc3339(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+async def transaction_json(db: Db, txn: Transaction,
+                           user: User) -> dict[str, Any]:  # fmt: skip
+    outgoing = txn.source_id == user.account_id
+    other = txn.dest_id if outgoing else txn.source_id
+    counterparty = "bank"
+    if txn.kind == "transfer":
+        counterparty = await db.fetchval("SELECT email FROM users WHERE account_id = $1",
+                                         other) or str(other)  # fmt: skip
+    return {
+        "id": str(txn.id), "kind": txn.kind, "status": txn.status, "amount": txn.amount_minor,
+        "currency": txn.currency, "direction": "out" if outgoing else "in",
+        "counterparty": counterparty, "note": txn.note, "failure_reason": txn.failure_reason,
+        "created_at": _rfc3339(txn.created_at), "settled_at": _rfc3339(txn.settled_at),
+    }  # fmt: skip
+
+
+async def get_transaction(pool: asyncpg.Pool, user: User, txn_id: uuid.UUID) -> dict[str, Any]:
+    row = await pool.fetchrow(
+        f"SELECT {TRANSACTION_COLUMNS} FROM transactions WHERE id = $1"
+        " AND (source_id = $2 OR dest_id = $2)",
+        txn_id,
+        user.account_id,
+    )
+    if row is None:  # another user's transaction is as unknown as a missing one
+        raise Problem(404, "Not found", "no such transaction")
+    return await transaction_json(pool, Transaction.from_row(row), user)
+
+
+def _cursor(created_at: dt.datetime, txn_id: uuid.UUID) -> str:
+    raw = f"{created_at.isoformat()}|{txn_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _parse_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
+    try:
+        created, txn = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        return dt.datetime.fromisoformat(created), uuid.UUID(txn)
+    except (ValueError, UnicodeDecodeError):
+        raise Problem(400, "Bad cursor", "the cursor is not one this API issued") from None
+
+
+async def list_transactions(pool: asyncpg.Pool, user: User, cursor: str | None,
+                            limit: int) -> dict[str, Any]:  # fmt: skip
+    """Newest first, keyset-paginated on (created_at, id): stable under concurrent inserts."""
+    after = _parse_cursor(cursor) if cursor else (dt.datetime.max.replace(tzinfo=dt.UTC),
+                                                  uuid.UUID(int=2**128 - 1))  # fmt: skip
+    rows = await pool.fetch(
+        f"SELECT {TRANSACTION_COLUMNS} FROM transactions"
+        " WHERE (source_id = $1 OR dest_id = $1) AND (created_at, id) < ($2, $3)"
+        " ORDER BY created_at DESC, id DESC LIMIT $4", user.account_id, after[0], after[1],
+        limit + 1)  # fmt: skip
+    page = [Transaction.from_row(r) for r in rows[:limit]]
+    items = [await transaction_json(pool, t, user) for t in page]
+    more = len(rows) > limit
+    return {"items": items,
+            "next_cursor": _cursor(page[-1].created_at, page[-1].id) if more else None}  # fmt: skip

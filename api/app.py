@@ -1,0 +1,331 @@
+"""The Quart app: HTTP shapes only. Rules live in api._service, errors in api._problems."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+import redis.exceptions
+import structlog
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from quart import Quart, Response, g, request
+from redis.asyncio import Redis
+
+from actors.routing import QueueSet, Routed, actor_account
+from api import _service as svc
+from api._auth import Claims, KeyRing, Passwords, RefreshTokens, ensure_key
+from api._problems import Problem, from_ledger
+from engine import LedgerError, Transaction, get_balance
+from kizo.config import Config
+from kizo.migrate import pending_migrations
+
+log = structlog.get_logger("kizo.api")
+BODY_MAX_BYTES = 64 * 1024
+M = TypeVar("M", bound=BaseModel)
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,189}\.[^@\s]{2,}$")
+_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Signup(_Body):
+    email: StrictStr = Field(max_length=254)
+    password: StrictStr = Field(min_length=8, max_length=128)
+    name: StrictStr = Field(min_length=1, max_length=100)
+
+
+class Signin(_Body):
+    email: StrictStr = Field(max_length=254)
+    password: StrictStr = Field(max_length=128)
+
+
+class RefreshBody(_Body):
+    refresh_token: StrictStr = Field(min_length=1, max_length=200)
+
+
+class Amount(_Body):
+    amount: StrictInt = Field(gt=0)
+
+
+class TransferBody(Amount):
+    to: StrictStr = Field(min_length=1, max_length=254)
+    note: StrictStr | None = Field(default=None, max_length=280)
+
+
+@dataclass
+class State:
+    config: Config
+    pool: asyncpg.Pool
+    redis: Redis
+    queues: QueueSet
+    passwords: Passwords
+    refresh: RefreshTokens
+    keys: KeyRing
+    registry: CollectorRegistry
+    enqueue_failures: Counter
+
+
+def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    response = Response(json.dumps(body), status=status, content_type="application/json")
+    response.headers.update(headers or {})
+    return response
+
+
+async def _body(model: type[M]) -> M:
+    raw = await request.get_data(cache=False)
+    if len(raw) > BODY_MAX_BYTES:
+        raise Problem(413, "Body too large", f"at most {BODY_MAX_BYTES} bytes")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise Problem(400, "Malformed JSON", "the body is not valid UTF-8 JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [{"field": ".".join(str(p) for p in e["loc"]) or "body", "message": e["msg"]}
+                  for e in exc.errors()]  # fmt: skip
+        raise Problem(
+            422, "Invalid request", "the request body is invalid", errors=errors
+        ) from None
+
+
+def create_app(config: Config | None = None) -> Quart:
+    config = config or Config.from_env()
+    app = Quart("kizo-api")
+    app.config["MAX_CONTENT_LENGTH"] = BODY_MAX_BYTES
+    holder: dict[str, State] = {}
+
+    def state() -> State:
+        return holder["state"]
+
+    @app.before_serving
+    async def startup() -> None:
+        pool = await asyncpg.create_pool(config.pg_url(), min_size=2, max_size=10,
+                                         command_timeout=10)  # fmt: skip
+        assert pool is not None
+        await ensure_key(pool)
+        redis = Redis.from_url(config.valkey_url(), socket_timeout=2, socket_connect_timeout=2,
+                               max_connections=200)  # fmt: skip
+        registry = CollectorRegistry()
+        holder["state"] = State(
+            config, pool, redis, QueueSet(redis, config.pipeline.shards), Passwords(config.auth),
+            RefreshTokens(redis, config.auth.refresh_ttl_s), await KeyRing.load(pool), registry,
+            Counter("kizo_api_enqueue_failures_total", "Enqueues that failed (outbox relays)",
+                    registry=registry),
+        )  # fmt: skip
+
+    @app.after_serving
+    async def shutdown() -> None:
+        s = state()
+        s.passwords.close()
+        await s.redis.aclose()
+        await s.pool.close()
+
+    @app.before_request
+    async def request_id() -> None:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = (
+            incoming if _KEY.match(incoming) and len(incoming) <= 64 else str(uuid.uuid4())
+        )
+
+    @app.after_request
+    async def headers(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    @app.errorhandler(Problem)
+    async def problem(exc: Problem) -> Response:
+        return exc.response()
+
+    @app.errorhandler(LedgerError)
+    async def ledger_error(exc: LedgerError) -> Response:
+        return from_ledger(exc).response()
+
+    for status, title in ((404, "Not found"), (405, "Method not allowed"),
+                          (413, "Body too large")):  # fmt: skip
+        app.register_error_handler(status, _status_handler(status, title))
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        log.error("unhandled", error=repr(exc), request_id=g.get("request_id"))
+        return Problem(
+            500, "Internal error", "something went wrong; nothing was changed"
+        ).response()
+
+    async def auth() -> tuple[Claims, svc.User]:
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            raise Problem(401, "Unauthorized", "a Bearer access token is required",
+                          headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        claims = state().keys.verify(header[7:])
+        return claims, await svc.get_user(state().pool, claims.user_id)
+
+    async def tokens(user: svc.User, refresh: str | None = None) -> dict[str, Any]:
+        s = state()
+        ttl = s.config.auth.access_ttl_s
+        return {"access_token": s.keys.sign(Claims(user.id, user.role), ttl),
+                "refresh_token": refresh or await s.refresh.issue(user.id),
+                "token_type": "Bearer", "expires_in": ttl}  # fmt: skip
+
+    @app.post("/api/v1/auth/signup")
+    async def signup() -> Response:
+        body = await _body(Signup)
+        if not _EMAIL.match(body.email):
+            raise Problem(
+                422,
+                "Invalid request",
+                "email is not an email address",
+                errors=[{"field": "email", "message": "not an email address"}],
+            )
+        s = state()
+        password_hash = await s.passwords.hash(body.password)
+        user = await svc.create_user(s.pool, body.email, body.name, password_hash,
+                                     s.config.ledger.currency)  # fmt: skip
+        return _json({"user": user.as_json(), **await tokens(user)}, 201)
+
+    @app.post("/api/v1/auth/signin")
+    async def signin() -> Response:
+        body = await _body(Signin)
+        user, stored = await svc.find_login(state().pool, body.email)
+        if not await state().passwords.verify(stored, body.password) or user is None:
+            raise Problem(401, "Unauthorized", "wrong email or password")
+        return _json(await tokens(user))
+
+    @app.post("/api/v1/auth/refresh")
+    async def refresh() -> Response:
+        body = await _body(RefreshBody)
+        user_id, new_token = await state().refresh.rotate(body.refresh_token)
+        user = await svc.get_user(state().pool, user_id)
+        return _json(await tokens(user, new_token))
+
+    @app.post("/api/v1/auth/logout")
+    async def logout() -> Response:
+        body = await _body(RefreshBody)
+        await state().refresh.revoke(body.refresh_token)
+        return Response(status=204)
+
+    @app.get("/api/v1/accounts/me")
+    async def me() -> Response:
+        _claims, user = await auth()
+        view = await get_balance(state().pool, user.account_id)
+        return _json({"account_id": str(view.account_id), "currency": view.currency,
+                      "posted": view.posted, "pending": view.pending,
+                      "available": view.available})  # fmt: skip
+
+    async def payment(kind: str, model: type[Amount]) -> Response:
+        _claims, user = await auth()
+        key = request.headers.get("Idempotency-Key")
+        if key is None or not _KEY.match(key):
+            raise Problem(
+                400,
+                "Idempotency key required",
+                "send an Idempotency-Key header of 1 to 255 visible ASCII characters",
+            )
+        body = (await _body(model)).model_dump(exclude_none=True)
+        s = state()
+        stored = await svc.pay(
+            s.pool,
+            user,
+            key,
+            request.path,
+            kind,
+            body,
+            s.config.ledger.currency,
+            s.config.ledger.amount_max_minor,
+        )
+        if stored.txn is not None:
+            await _enqueue(s, stored.txn)
+        headers = {"Idempotent-Replayed": "true"} if stored.replayed else {}
+        return _json(stored.body, stored.status, headers)
+
+    @app.post("/api/v1/payments/deposit")
+    async def deposit() -> Response:
+        return await payment("deposit", Amount)
+
+    @app.post("/api/v1/payments/withdraw")
+    async def withdraw() -> Response:
+        return await payment("withdrawal", Amount)
+
+    @app.post("/api/v1/payments/transfer")
+    async def transfer() -> Response:
+        return await payment("transfer", TransferBody)
+
+    @app.get("/api/v1/transactions")
+    async def transactions() -> Response:
+        _claims, user = await auth()
+        raw_limit = request.args.get("limit", "50")
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= svc.PAGE_MAX:
+            raise Problem(400, "Bad limit", f"limit must be an integer from 1 to {svc.PAGE_MAX}")
+        page = await svc.list_transactions(state().pool, user, request.args.get("cursor"),
+                                           int(raw_limit))  # fmt: skip
+        return _json(page)
+
+    @app.get("/api/v1/transactions/<txn_id>")
+    async def transaction(txn_id: str) -> Response:
+        _claims, user = await auth()
+        try:
+            parsed = uuid.UUID(txn_id)
+        except ValueError:
+            raise Problem(404, "Not found", "no such transaction") from None
+        return _json(await svc.get_transaction(state().pool, user, parsed))
+
+    @app.get("/health")
+    async def health() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        return await _ready(state())
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state().registry),
+                        content_type="text/plain; version=0.0.4")  # fmt: skip
+
+    return app
+
+
+def _status_handler(status: int, title: str) -> Callable[[Exception], Awaitable[Response]]:
+    async def handler(_exc: Exception) -> Response:
+        return Problem(status, title, title.lower()).response()
+
+    return handler
+
+
+async def _enqueue(s: State, txn: Transaction) -> None:
+    """After commit. If Redis is down the intent stays pending: the janitor's relay enqueues it."""
+    try:
+        await s.queues.enqueue([Routed(txn.id, actor_account(txn.kind, txn.source_id,
+                                                             txn.dest_id))])  # fmt: skip
+    except (redis.exceptions.RedisError, OSError) as exc:
+        s.enqueue_failures.inc()
+        log.warning("enqueue_failed", txn=str(txn.id), error=repr(exc))
+
+
+async def _ready(s: State) -> Response:
+    checks: dict[str, str] = {}
+    try:
+        async with s.pool.acquire() as conn:
+            checks["postgres"] = (
+                "ok" if not await pending_migrations(conn) else "migrations pending"
+            )
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        checks["postgres"] = "unreachable"
+    try:
+        await s.redis.ping()
+        checks["redis"] = "ok"
+    except (redis.exceptions.RedisError, OSError):
+        checks["redis"] = "unreachable"
+    ok = all(v == "ok" for v in checks.values())
+    return _json({"status": "ready" if ok else "not ready", "checks": checks}, 200 if ok else 503)

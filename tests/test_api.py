@@ -1,0 +1,291 @@
+"""The REST API on the real PostgreSQL and Valkey (the Quart app in-process)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jwt
+import pytest
+import pytest_asyncio
+from quart.typing import TestClientProtocol as Client
+
+from api.app import create_app
+from kizo.config import Config
+from tests.conftest import ServerSet, unique_email
+
+
+@pytest_asyncio.fixture
+async def client(servers: ServerSet, db_url: str, redis_client: object) -> AsyncIterator[Client]:
+    config = dataclasses.replace(
+        Config.from_env({}), database_url=db_url, redis_url=servers.redis_url
+    )
+    app = create_app(config)
+    async with app.test_app() as test_app:
+        yield test_app.test_client()
+
+
+async def _signup(client: Client, email: str | None = None) -> dict[str, Any]:
+    response = await client.post(
+        "/api/v1/auth/signup",
+        json={"email": email or unique_email(), "password": "correct horse battery", "name": "A"},
+    )
+    assert response.status_code == 201, await response.get_data()
+    return dict(await response.get_json())
+
+
+def _auth(tokens: dict[str, Any]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tokens['access_token']}"}
+
+
+async def _pay(
+    client: Client, tokens: dict[str, Any], path: str, body: object, key: str | None
+) -> Any:
+    headers = _auth(tokens) | ({"Idempotency-Key": key} if key else {})
+    return await client.post(f"/api/v1/payments/{path}", json=body, headers=headers)
+
+
+@pytest.mark.asyncio
+async def test_signup_signin_and_balance(client: Client) -> None:
+    email = unique_email()
+    created = await _signup(client, email)
+    assert created["token_type"] == "Bearer"
+    assert created["user"]["email"] == email
+    again = await client.post(
+        "/api/v1/auth/signup",
+        json={"email": email.upper(), "password": "another password", "name": "B"},
+    )
+    assert again.status_code == 409
+    ok = await client.post(
+        "/api/v1/auth/signin", json={"email": email, "password": "correct horse battery"}
+    )
+    assert ok.status_code == 200
+    wrong = await client.post("/api/v1/auth/signin", json={"email": email, "password": "nope"})
+    unknown = await client.post(
+        "/api/v1/auth/signin", json={"email": unique_email(), "password": "nope"}
+    )
+    assert wrong.status_code == unknown.status_code == 401
+    assert (await wrong.get_json())["detail"] == (await unknown.get_json())["detail"]
+    me = await client.get("/api/v1/accounts/me", headers=_auth(await ok.get_json()))
+    assert await me.get_json() == {
+        "account_id": created["user"]["account_id"],
+        "currency": "USD",
+        "posted": 0,
+        "pending": 0,
+        "available": 0,
+    }
+
+
+@pytest.mark.asyncio
+async def test_payment_idempotency_contract(client: Client) -> None:
+    tokens = await _signup(client)
+    missing = await _pay(client, tokens, "deposit", {"amount": 500}, None)
+    assert missing.status_code == 400
+    assert missing.headers["content-type"] == "application/problem+json"
+    first = await _pay(client, tokens, "deposit", {"amount": 500}, "k-1")
+    assert first.status_code == 202
+    body = await first.get_json()
+    assert (body["kind"], body["status"], body["amount"], body["direction"]) == (
+        "deposit",
+        "pending",
+        500,
+        "in",
+    )
+    replay = await _pay(client, tokens, "deposit", {"amount": 500}, "k-1")
+    assert replay.status_code == 202
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert await replay.get_json() == body
+    different = await _pay(client, tokens, "deposit", {"amount": 501}, "k-1")
+    assert different.status_code == 422
+    other_path = await _pay(client, tokens, "withdraw", {"amount": 500}, "k-1")
+    assert other_path.status_code == 422
+    listed = await client.get("/api/v1/transactions", headers=_auth(tokens))
+    assert [t["id"] for t in (await listed.get_json())["items"]] == [body["id"]]
+
+
+@pytest.mark.asyncio
+async def test_one_key_sent_concurrently_makes_one_transaction(client: Client) -> None:
+    tokens = await _signup(client)
+    responses = await asyncio.gather(
+        *(_pay(client, tokens, "deposit", {"amount": 70}, "race") for _ in range(20))
+    )
+    codes = sorted(r.status_code for r in responses)
+    assert all(c in (202, 409) for c in codes), codes
+    ids = {(await r.get_json())["id"] for r in responses if r.status_code == 202}
+    assert len(ids) == 1
+    listed = await client.get("/api/v1/transactions", headers=_auth(tokens))
+    assert len((await listed.get_json())["items"]) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"amount": 0},
+        {"amount": -5},
+        {"amount": 1.5},
+        {"amount": "10"},
+        {"amount": True},
+        {"amount": 10**30},
+        {"amount": 10**13},
+        {"amount": 5, "extra": 1},
+        {},
+        [],
+        "x",
+        None,
+    ],
+)
+async def test_bad_amounts_are_4xx_problems_and_change_nothing(
+    client: Client, body: object
+) -> None:
+    tokens = await _signup(client)
+    response = await _pay(client, tokens, "deposit", body, f"bad-{uuid.uuid4()}")
+    assert 400 <= response.status_code < 500
+    assert response.headers["content-type"] == "application/problem+json"
+    listed = await client.get("/api/v1/transactions", headers=_auth(tokens))
+    assert (await listed.get_json())["items"] == []
+
+
+@pytest.mark.asyncio
+async def test_non_json_and_bad_utf8_bodies(client: Client) -> None:
+    tokens = await _signup(client)
+    for raw in (b"{not json", b"\xff\xfe\x00{", b"x" * 70_000):
+        response = await client.post(
+            "/api/v1/payments/deposit",
+            data=raw,
+            headers=_auth(tokens) | {"Idempotency-Key": "raw", "Content-Type": "application/json"},
+        )
+        assert response.status_code in (400, 413)
+        assert response.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.asyncio
+async def test_transfers_recipients_and_privacy(client: Client) -> None:
+    alice, bob = await _signup(client), await _signup(client)
+    sent = await _pay(client, alice, "transfer", {"to": bob["user"]["email"], "amount": 5}, "t1")
+    assert sent.status_code == 202
+    txn = await sent.get_json()
+    assert (txn["direction"], txn["counterparty"]) == ("out", bob["user"]["email"])
+    by_id = await _pay(
+        client, alice, "transfer", {"to": bob["user"]["account_id"], "amount": 6}, "t2"
+    )
+    assert by_id.status_code == 202
+    unknown = await _pay(client, alice, "transfer", {"to": unique_email(), "amount": 5}, "t3")
+    self_pay = await _pay(
+        client, alice, "transfer", {"to": alice["user"]["email"], "amount": 5}, "t4"
+    )
+    assert (unknown.status_code, self_pay.status_code) == (422, 422)
+    seen_by_bob = await client.get(f"/api/v1/transactions/{txn['id']}", headers=_auth(bob))
+    assert (await seen_by_bob.get_json())["direction"] == "in"
+    carol = await _signup(client)
+    hidden = await client.get(f"/api/v1/transactions/{txn['id']}", headers=_auth(carol))
+    assert hidden.status_code == 404
+
+
+@pytest.mark.asyncio
+async def test_history_pages_newest_first_with_a_cursor(client: Client) -> None:
+    tokens = await _signup(client)
+    ids = []
+    for n in range(5):
+        response = await _pay(client, tokens, "deposit", {"amount": n + 1}, f"h{n}")
+        ids.append((await response.get_json())["id"])
+    seen: list[str] = []
+    cursor = None
+    for _ in range(10):
+        query = "?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = await (
+            await client.get(f"/api/v1/transactions{query}", headers=_auth(tokens))
+        ).get_json()
+        seen.extend(t["id"] for t in page["items"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    for query in ("?limit=0", "?limit=201", "?limit=x", "?cursor=garbage"):
+        response = await client.get(f"/api/v1/transactions{query}", headers=_auth(tokens))
+        assert response.status_code == 400
+
+
+def _forge(payload: dict[str, Any], header: dict[str, Any]) -> str:
+    """Signed with a key of the right length that is not ours."""
+    return jwt.encode(payload, "forged-" * 8, algorithm="HS256", headers=header)
+
+
+@pytest.mark.asyncio
+async def test_token_attacks_are_401(client: Client) -> None:
+    tokens = await _signup(client)
+    good = tokens["access_token"]
+    claims = jwt.decode(good, options={"verify_signature": False})
+    kid = jwt.get_unverified_header(good)["kid"]
+    none_alg = (
+        base64.urlsafe_b64encode(json.dumps({"alg": "none", "kid": kid}).encode())
+        .rstrip(b"=")
+        .decode()
+        + "."
+        + good.split(".")[1]
+        + "."
+    )
+    head, _payload, sig = good.split(".")
+    tampered = ".".join(
+        [
+            head,
+            base64.urlsafe_b64encode(json.dumps({**claims, "role": "admin"}).encode())
+            .rstrip(b"=")
+            .decode(),
+            sig,
+        ]
+    )
+    attacks = [
+        none_alg,
+        tampered,
+        _forge(claims, {"kid": kid}),  # wrong secret
+        _forge(claims, {"kid": "unknown"}),
+        _forge({**claims, "exp": int(time.time()) - 10}, {"kid": kid}),
+        "not-a-token",
+    ]
+    for token in attacks:
+        response = await client.get(
+            "/api/v1/accounts/me", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert response.status_code == 401, token
+    assert (await client.get("/api/v1/accounts/me")).status_code == 401
+
+
+@pytest.mark.asyncio
+async def test_refresh_rotates_and_reuse_revokes_the_family(client: Client) -> None:
+    tokens = await _signup(client)
+    first = await client.post(
+        "/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]}
+    )
+    assert first.status_code == 200
+    rotated = await first.get_json()
+    assert rotated["refresh_token"] != tokens["refresh_token"]
+    reuse = await client.post(
+        "/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]}
+    )
+    assert reuse.status_code == 401
+    # The reuse revoked the whole family: the newest token is dead too.
+    after = await client.post(
+        "/api/v1/auth/refresh", json={"refresh_token": rotated["refresh_token"]}
+    )
+    assert after.status_code == 401
+
+
+@pytest.mark.asyncio
+async def test_health_ready_and_unknown_routes(client: Client) -> None:
+    assert (await client.get("/health")).status_code == 200
+    ready = await client.get("/ready")
+    assert (ready.status_code, (await ready.get_json())["checks"]) == (
+        200,
+        {"postgres": "ok", "redis": "ok"},
+    )
+    missing = await client.get("/api/v1/nothing-here")
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == "application/problem+json"
+    assert missing.headers["X-Request-ID"]
