@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import base64
+import csv
+import dataclasses
 import datetime as dt
 import hashlib
+import io
 import json
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,3 +240,76 @@ async def list_transactions(pool: asyncpg.Pool, user: User, cursor: str | None,
     more = len(rows) > limit
     return {"items": items,
             "next_cursor": _cursor(page[-1].created_at, page[-1].id) if more else None}  # fmt: skip
+
+
+CSV_PAGE = 500
+CSV_ROWS_MAX = 1_000_000
+CSV_COLUMNS = ["id", "kind", "status", "amount", "currency", "direction", "counterparty", "note",
+               "failure_reason", "created_at", "settled_at"]  # fmt: skip
+
+
+async def export_csv(pool: asyncpg.Pool, user: User) -> AsyncIterator[str]:
+    """Own history as CSV, newest first, one keyset page at a time (bounded memory)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    yield _drain(out)
+    cursor: str | None = None
+    for _ in range(CSV_ROWS_MAX // CSV_PAGE):
+        page = await list_transactions(pool, user, cursor, CSV_PAGE)
+        for item in page["items"]:
+            writer.writerow(["" if item[c] is None else item[c] for c in CSV_COLUMNS])
+        yield _drain(out)
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return
+
+
+def _drain(out: io.StringIO) -> str:
+    text = out.getvalue()
+    out.seek(0)
+    out.truncate()
+    return text
+
+
+async def dashboard(pool: asyncpg.Pool, user: User, user_currency: str) -> dict[str, Any]:
+    balance = await pool.fetchrow(
+        "SELECT posted, pending FROM balances WHERE account_id = $1", user.account_id
+    )
+    assert balance is not None
+    totals = await pool.fetchrow(
+        "SELECT coalesce(sum(amount_minor) FILTER (WHERE dest_id = $1), 0)::bigint AS month_in,"
+        " coalesce(sum(amount_minor) FILTER (WHERE source_id = $1), 0)::bigint AS month_out,"
+        " (SELECT count(*) FROM transactions WHERE (source_id = $1 OR dest_id = $1)"
+        "  AND status IN ('pending', 'processing')) AS pending_count"
+        " FROM transactions WHERE (source_id = $1 OR dest_id = $1) AND status = 'settled'"
+        " AND settled_at >= date_trunc('month', now())",
+        user.account_id,
+    )
+    assert totals is not None
+    recent = await list_transactions(pool, user, None, 10)
+    posted, pending = balance["posted"], balance["pending"]
+    return {
+        "balance": {"currency": user_currency, "posted": posted, "pending": pending,
+                    "available": posted - pending},
+        "pending_count": totals["pending_count"],
+        "month_totals": {"in": totals["month_in"], "out": totals["month_out"]},
+        "recent": recent["items"],
+    }  # fmt: skip
+
+
+async def findings(pool: asyncpg.Pool, limit: int = 500) -> list[dict[str, Any]]:
+    rows = await pool.fetch(
+        "SELECT id, kind, subject, detail, found_at FROM reconciliation_findings"
+        " WHERE resolved_at IS NULL ORDER BY id DESC LIMIT $1",
+        limit,
+    )
+    return [{"id": r["id"], "kind": r["kind"], "subject": r["subject"], "detail": r["detail"],
+             "found_at": _rfc3339(r["found_at"])} for r in rows]  # fmt: skip
+
+
+async def make_admin(pool: asyncpg.Pool, email: str, name: str, password_hash: str,
+                     currency: str) -> User:  # fmt: skip
+    user = await create_user(pool, email, name, password_hash, currency)
+    await pool.execute("UPDATE users SET role = 'admin' WHERE id = $1", user.id)
+    return dataclasses.replace(user, role="admin")

@@ -280,6 +280,26 @@ def create_app(config: Config | None = None) -> Quart:
             raise Problem(404, "Not found", "no such transaction") from None
         return _json(await svc.get_transaction(state().pool, user, parsed))
 
+    @app.get("/api/v1/transactions/export.csv")
+    async def export() -> Response:
+        _claims, user = await auth()
+        response = Response(svc.export_csv(state().pool, user), content_type="text/csv")
+        response.headers["Content-Disposition"] = 'attachment; filename="transactions.csv"'
+        return response
+
+    @app.get("/api/v1/dashboard")
+    async def dashboard() -> Response:
+        _claims, user = await auth()
+        return _json(await svc.dashboard(state().pool, user, state().config.ledger.currency))
+
+    @app.get("/api/v1/admin/reconciliation")
+    async def reconciliation() -> Response:
+        claims, user = await auth()
+        if user.role != "admin":  # the database's role, not the token's claim, decides
+            raise Problem(403, "Forbidden", "admins only")
+        del claims
+        return _json({"items": await svc.findings(state().pool)})
+
     @app.get("/health")
     async def health() -> Response:
         return _json({"status": "ok"})

@@ -43,6 +43,52 @@ def _keys(config: Config, _args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_admin(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["create"])
+    parser.add_argument("email")
+    parser.add_argument("--name", default="Admin")
+    parser.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from standard input instead of prompting",
+    )
+
+
+def _admin(config: Config, args: argparse.Namespace) -> int:
+    import getpass
+    import sys
+
+    import asyncpg
+
+    from api import _service as svc
+    from api._auth import Passwords
+    from api._problems import Problem
+    from kizo import aio
+
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass()
+    if not 8 <= len(password) <= 128:
+        raise UsageError("the password must have 8 to 128 characters")
+
+    async def create() -> svc.User:
+        pool = await asyncpg.create_pool(config.pg_url(), min_size=1, max_size=2)
+        assert pool is not None
+        passwords = Passwords(config.auth)
+        try:
+            return await svc.make_admin(
+                pool, args.email, args.name, await passwords.hash(password), config.ledger.currency
+            )
+        finally:
+            passwords.close()
+            await pool.close()
+
+    try:
+        user = aio.run(create())
+    except Problem as exc:
+        raise UsageError(exc.detail) from None
+    print(f"admin {user.email} created ({user.id})")
+    return 0
+
+
 def _children(config: Config) -> list[Child]:
     url = f"http://{config.host}:{config.api_port}"
     return [Child("api", ["api"], ready_port=config.api_port, url=f"{url}/api/v1")]
@@ -50,4 +96,7 @@ def _children(config: Config) -> list[Child]:
 
 register(Command("api", "serve the REST API", _api, _configure_api))
 register(Command("keys", "manage the JWT signing keys", _keys, _configure_keys))
+register(
+    Command("admin", "create admin users (never through the public API)", _admin, _configure_admin)
+)
 register_child(_children)

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import dataclasses
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +20,7 @@ from quart.typing import TestClientProtocol as Client
 
 from api.app import create_app
 from kizo.config import Config
-from tests.conftest import ServerSet, unique_email
+from tests.conftest import ServerSet, kizo_env, unique_email
 
 
 @pytest_asyncio.fixture
@@ -289,3 +291,44 @@ async def test_health_ready_and_unknown_routes(client: Client) -> None:
     assert missing.status_code == 404
     assert missing.headers["content-type"] == "application/problem+json"
     assert missing.headers["X-Request-ID"]
+
+
+@pytest.mark.asyncio
+async def test_csv_export_dashboard_and_admin_only_reconciliation(
+    client: Client, servers: ServerSet, db_url: str
+) -> None:
+    tokens = await _signup(client)
+    for n in range(3):
+        assert (
+            await _pay(client, tokens, "deposit", {"amount": 10 + n}, f"c{n}")
+        ).status_code == 202
+    csv_response = await client.get("/api/v1/transactions/export.csv", headers=_auth(tokens))
+    assert csv_response.status_code == 200
+    lines = (await csv_response.get_data(as_text=True)).strip().splitlines()
+    assert lines[0].startswith("id,kind,status,amount")
+    assert [line.split(",")[3] for line in lines[1:]] == ["12", "11", "10"]
+    board = await (await client.get("/api/v1/dashboard", headers=_auth(tokens))).get_json()
+    assert board["pending_count"] == 3
+    assert board["balance"]["available"] == 0
+    assert len(board["recent"]) == 3
+    assert (
+        await client.get("/api/v1/admin/reconciliation", headers=_auth(tokens))
+    ).status_code == 403
+    email = unique_email("admin")
+    env = kizo_env(servers, db_url)
+    created = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "kizo.cli", "admin", "create", email, "--password-stdin"],
+        input="admin password 1\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert created.returncode == 0, created.stderr
+    signin = await client.post(
+        "/api/v1/auth/signin", json={"email": email, "password": "admin password 1"}
+    )
+    admin = await signin.get_json()
+    report = await client.get("/api/v1/admin/reconciliation", headers=_auth(admin))
+    assert (report.status_code, await report.get_json()) == (200, {"items": []})
