@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from actors.routing import QueueSet, Routed, actor_account
 from api import _service as svc
 from api._auth import Claims, KeyRing, Passwords, RefreshTokens, ensure_key
+from api._edges import cors, install, ip_key
 from api._problems import Problem, from_ledger
 from engine import LedgerError, Transaction, get_balance
 from kizo.config import Config
@@ -80,7 +81,7 @@ def _json(body: object, status: int = 200, headers: dict[str, str] | None = None
 
 
 async def _body(model: type[M]) -> M:
-    raw = await request.get_data(cache=False)
+    raw = await request.get_data(cache=True)
     if len(raw) > BODY_MAX_BYTES:
         raise Problem(413, "Body too large", f"at most {BODY_MAX_BYTES} bytes")
     try:
@@ -313,6 +314,15 @@ def create_app(config: Config | None = None) -> Quart:
         return Response(generate_latest(state().registry),
                         content_type="text/plain; version=0.0.4")  # fmt: skip
 
+    async def user_key() -> str:
+        header = request.headers.get("Authorization", "")
+        try:
+            return f"user:{state().keys.verify(header[7:]).user_id}"
+        except Problem:
+            return await ip_key()
+
+    install(app, config.limits, config.valkey_url(), user_key)
+    cors(app, config.limits.cors_origins)
     return app
 
 

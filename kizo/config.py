@@ -106,6 +106,19 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class RateLimitConfig:
+    """Requests per minute; shared by every API process through Redis."""
+
+    enabled: bool = True
+    signin_per_ip: int = 30
+    signin_per_email: int = 10
+    signup_per_ip: int = 10
+    payments_per_user: int = 300
+    default_per_ip: int = 1200
+    cors_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a Kizo process needs to know about where it runs."""
 
@@ -123,6 +136,7 @@ class Config:
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: RateLimitConfig = field(default_factory=RateLimitConfig)
 
     @property
     def embedded_postgres(self) -> bool:
@@ -179,6 +193,17 @@ class Config:
             bank_timeout_s=_float(env, "KIZO_BANK_TIMEOUT_S", 5.0, low=0.05, high=120),
         )
         auth = AuthConfig(pepper=_str(env, "KIZO_PEPPER", AuthConfig.pepper))
+        per_minute = {"low": 1, "high": 1_000_000}
+        limits = RateLimitConfig(
+            enabled=_str(env, "KIZO_RATE_LIMITS", "on").lower() not in {"off", "0", "false", "no"},
+            signin_per_ip=_int(env, "KIZO_RATE_SIGNIN_PER_IP", 30, **per_minute),
+            signin_per_email=_int(env, "KIZO_RATE_SIGNIN_PER_EMAIL", 10, **per_minute),
+            signup_per_ip=_int(env, "KIZO_RATE_SIGNUP_PER_IP", 10, **per_minute),
+            payments_per_user=_int(env, "KIZO_RATE_PAYMENTS_PER_USER", 300, **per_minute),
+            default_per_ip=_int(env, "KIZO_RATE_DEFAULT_PER_IP", 1200, **per_minute),
+            cors_origins=tuple(o.strip() for o in _str(env, "KIZO_CORS_ORIGINS", "").split(",")
+                               if o.strip()),
+        )
         return cls(
             home=home,
             database_url=_optional(env, "DATABASE_URL"),
@@ -194,4 +219,5 @@ class Config:
             ledger=ledger,
             pipeline=pipeline,
             auth=auth,
+            limits=limits,
         )

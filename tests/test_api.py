@@ -19,14 +19,17 @@ import pytest_asyncio
 from quart.typing import TestClientProtocol as Client
 
 from api.app import create_app
-from kizo.config import Config
+from kizo.config import Config, RateLimitConfig
 from tests.conftest import ServerSet, kizo_env, unique_email
 
 
 @pytest_asyncio.fixture
 async def client(servers: ServerSet, db_url: str, redis_client: object) -> AsyncIterator[Client]:
     config = dataclasses.replace(
-        Config.from_env({}), database_url=db_url, redis_url=servers.redis_url
+        Config.from_env({}),
+        database_url=db_url,
+        redis_url=servers.redis_url,
+        limits=RateLimitConfig(enabled=False, cors_origins=("https://dash.example",)),
     )
     app = create_app(config)
     async with app.test_app() as test_app:

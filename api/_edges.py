@@ -1,0 +1,93 @@
+"""Rate limits (quart-rate-limiter on Redis, shared by every API process) and CORS."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, cast
+
+from quart import Quart, Response, request
+from quart_rate_limiter import RateLimit, RateLimiter, RateLimitExceeded, rate_limit
+from quart_rate_limiter.redis_store import RedisStore
+
+from api._problems import Problem
+from kizo.config import RateLimitConfig
+
+MINUTE = timedelta(minutes=1)
+CORS_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
+CORS_EXPOSE = "Idempotent-Replayed, X-Request-ID, Retry-After, RateLimit-Limit, RateLimit-Remaining"
+CORS_MAX_AGE_S = 600
+
+
+class _Store(RedisStore):
+    """RedisStore closing its client with ``aclose`` (its ``close`` is deprecated in redis 5)."""
+
+    async def after_serving(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+
+async def ip_key() -> str:
+    return f"ip:{request.remote_addr or 'unknown'}"
+
+
+async def email_key() -> str:
+    """The email of a sign-in, so one account cannot be guessed at from many addresses."""
+    try:
+        body = json.loads(await request.get_data(cache=True))
+        email = str(body.get("email", "")).lower()[:254] if isinstance(body, dict) else ""
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        email = ""
+    return f"email:{email}" if email else await ip_key()
+
+
+def install(app: Quart, limits: RateLimitConfig, redis_url: str,
+            user_key: Callable[[], Awaitable[str]]) -> None:  # fmt: skip
+    if not limits.enabled:
+        return
+    RateLimiter(app, key_function=ip_key, store=_Store(redis_url, socket_timeout=2),
+                default_limits=[RateLimit(limits.default_per_ip, MINUTE)])  # fmt: skip
+
+    def limit(view: str, *rules: RateLimit) -> None:
+        # The decorator only marks the function; the limiter reads the mark per request.
+        rate_limit(limits=list(rules))(cast("Callable[..., Any]", app.view_functions[view]))
+
+    limit(
+        "signin",
+        RateLimit(limits.signin_per_ip, MINUTE, ip_key),
+        RateLimit(limits.signin_per_email, MINUTE, email_key),
+    )
+    limit("signup", RateLimit(limits.signup_per_ip, MINUTE, ip_key))
+    for name in ("deposit", "withdraw", "transfer"):
+        limit(name, RateLimit(limits.payments_per_user, MINUTE, user_key))
+
+    @app.errorhandler(RateLimitExceeded)
+    async def too_many(exc: RateLimitExceeded) -> Response:
+        return Problem(
+            429,
+            "Too many requests",
+            "slow down and retry later",
+            headers={"Retry-After": str(exc.retry_after)},
+        ).response()
+
+
+def cors(app: Quart, origins: tuple[str, ...]) -> None:
+    """Only configured origins; credentials are allowed, so never a wildcard origin."""
+    allowed = frozenset(origins)
+
+    @app.after_request
+    async def headers(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        if origin is None or origin not in allowed:
+            return response
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE
+        response.vary.add("Origin")
+        if request.method == "OPTIONS":
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+            response.headers["Access-Control-Max-Age"] = str(CORS_MAX_AGE_S)
+        return response

@@ -1,0 +1,103 @@
+"""Rate limits shared by API processes through Valkey, and CORS for configured origins."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+import pytest_asyncio
+from quart.typing import TestClientProtocol as Client
+
+from api.app import create_app
+from kizo.config import Config, RateLimitConfig
+from kizo.servers import free_port
+from tests.conftest import ServerSet, kizo_env, unique_email, wait_http
+
+
+@pytest_asyncio.fixture
+async def limited(servers: ServerSet, db_url: str, redis_client: object) -> AsyncIterator[Client]:
+    config = dataclasses.replace(
+        Config.from_env({}),
+        database_url=db_url,
+        redis_url=servers.redis_url,
+        limits=RateLimitConfig(signin_per_email=3, cors_origins=("https://dash.example",)),
+    )
+    app = create_app(config)
+    async with app.test_app() as test_app:
+        yield test_app.test_client()
+
+
+@pytest.mark.asyncio
+async def test_signin_per_email_limit_answers_429_problem(limited: Client) -> None:
+    email = unique_email()
+    codes = []
+    for _ in range(4):
+        response = await limited.post(
+            "/api/v1/auth/signin", json={"email": email, "password": "wrong password"}
+        )
+        codes.append(response.status_code)
+    assert codes == [401, 401, 401, 429]
+    assert response.headers["content-type"] == "application/problem+json"
+    assert int(response.headers["Retry-After"]) > 0
+
+
+@pytest.mark.asyncio
+async def test_cors_preflight_for_allowed_origins_only(limited: Client) -> None:
+    preflight = {
+        "Origin": "https://dash.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, idempotency-key",
+    }
+    allowed = await limited.options("/api/v1/payments/deposit", headers=preflight)
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://dash.example"
+    assert allowed.headers["Access-Control-Allow-Credentials"] == "true"
+    assert "Idempotency-Key" in allowed.headers["Access-Control-Allow-Headers"]
+    other = await limited.options(
+        "/api/v1/payments/deposit", headers=preflight | {"Origin": "https://evil.example"}
+    )
+    assert "Access-Control-Allow-Origin" not in other.headers
+    simple = await limited.get("/health", headers={"Origin": "https://dash.example"})
+    assert simple.headers["Access-Control-Allow-Origin"] == "https://dash.example"
+    assert "Origin" in simple.headers["Vary"]
+
+
+@pytest.fixture
+def two_api_processes(servers: ServerSet, db_url: str) -> Iterator[list[str]]:
+    urls, procs = [], []
+    try:
+        for _ in range(2):
+            port = free_port()
+            env = kizo_env(servers, db_url, KIZO_API_PORT=str(port), KIZO_RATE_SIGNUP_PER_IP="3")
+            procs.append(subprocess.Popen([sys.executable, "-m", "kizo.cli", "api"], env=env))
+            urls.append(f"http://127.0.0.1:{port}")
+            wait_http(f"{urls[-1]}/health", proc=procs[-1])
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.mark.asyncio
+async def test_limits_are_shared_across_api_processes(
+    two_api_processes: list[str], redis_client: object
+) -> None:
+    codes = []
+    async with httpx.AsyncClient(timeout=10) as http:
+        for n in range(4):  # alternate between the two processes
+            response = await http.post(
+                f"{two_api_processes[n % 2]}/api/v1/auth/signup",
+                json={"email": unique_email(), "password": "long enough pw", "name": "L"},
+            )
+            codes.append(response.status_code)
+            await asyncio.sleep(0)
+    assert codes == [201, 201, 201, 429]
