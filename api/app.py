@@ -13,7 +13,7 @@ import asyncpg
 import redis.exceptions
 import structlog
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ValidationError
 from quart import Quart, Response, g, request
 from redis.asyncio import Redis
 
@@ -21,6 +21,8 @@ from actors.routing import QueueSet, Routed, actor_account
 from api import _service as svc
 from api._auth import Claims, KeyRing, Passwords, RefreshTokens, ensure_key
 from api._edges import cors, install, ip_key
+from api._models import Amount, RefreshBody, Signin, Signup, TransferBody
+from api._openapi import DOCS_PAGE, document
 from api._problems import Problem, from_ledger
 from engine import LedgerError, Transaction, get_balance
 from kizo.config import Config
@@ -31,34 +33,6 @@ BODY_MAX_BYTES = 64 * 1024
 M = TypeVar("M", bound=BaseModel)
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,189}\.[^@\s]{2,}$")
 _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class Signup(_Body):
-    email: StrictStr = Field(max_length=254)
-    password: StrictStr = Field(min_length=8, max_length=128)
-    name: StrictStr = Field(min_length=1, max_length=100)
-
-
-class Signin(_Body):
-    email: StrictStr = Field(max_length=254)
-    password: StrictStr = Field(max_length=128)
-
-
-class RefreshBody(_Body):
-    refresh_token: StrictStr = Field(min_length=1, max_length=200)
-
-
-class Amount(_Body):
-    amount: StrictInt = Field(gt=0)
-
-
-class TransferBody(Amount):
-    to: StrictStr = Field(min_length=1, max_length=254)
-    note: StrictStr | None = Field(default=None, max_length=280)
 
 
 @dataclass
@@ -300,6 +274,14 @@ def create_app(config: Config | None = None) -> Quart:
             raise Problem(403, "Forbidden", "admins only")
         del claims
         return _json({"items": await svc.findings(state().pool)})
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return _json(document())
+
+    @app.get("/docs")
+    async def docs() -> Response:
+        return Response(DOCS_PAGE, content_type="text/html; charset=utf-8")
 
     @app.get("/health")
     async def health() -> Response:

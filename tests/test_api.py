@@ -335,3 +335,13 @@ async def test_csv_export_dashboard_and_admin_only_reconciliation(
     admin = await signin.get_json()
     report = await client.get("/api/v1/admin/reconciliation", headers=_auth(admin))
     assert (report.status_code, await report.get_json()) == (200, {"items": []})
+
+
+@pytest.mark.asyncio
+async def test_nul_characters_are_refused_not_a_500(client: Client) -> None:
+    """Found by schemathesis: PostgreSQL text cannot hold NUL."""
+    tokens = await _signup(client)
+    response = await _pay(client, tokens, "transfer", {"to": "a\x00b", "amount": 5}, "nul")
+    assert response.status_code == 422
+    signin = await client.post("/api/v1/auth/signin", json={"email": "\x00", "password": "x"})
+    assert signin.status_code == 422
