@@ -33,19 +33,11 @@ from redis.asyncio import Redis
 
 from actors.routing import QueueSet, Routed
 from engine import (
-    BANK_SETTLEMENT,
-    Action,
     NewIntent,
-    Op,
-    apply_batch,
     audit,
     create_intents,
-    ensure_system_accounts,
-    open_accounts,
-    system_account,
 )
-from kizo.bench_ledger import run_pgbench
-from kizo.migrate import migrate
+from kizo.bench_ledger import run_pgbench, setup_funded_ledger
 from kizo.servers import EmbeddedPostgres, EmbeddedValkey, free_port
 
 TICK_S = 0.05
@@ -64,25 +56,6 @@ class PipelineBenchParams:
     clients: int = 4
     pgbench_seconds: int = 10
     seed: int = 1
-
-
-async def _setup(url: str, accounts: int) -> list[uuid.UUID]:
-    conn = await asyncpg.connect(url, timeout=30)
-    try:
-        await migrate(conn)
-        await ensure_system_accounts(conn, "USD")
-        bank = await system_account(conn, BANK_SETTLEMENT)
-        users = await open_accounts(conn, [None] * accounts, "USD")
-        deposits = await create_intents(
-            conn,
-            [NewIntent("deposit", bank, u, 10**9) for u in users],
-            currency="USD",
-            amount_max_minor=10**12,
-        )
-        await apply_batch(conn, [Op(t.id, Action.CREDIT) for t in deposits])
-        return users
-    finally:
-        await conn.close()
 
 
 def _pairs(
@@ -212,7 +185,7 @@ def _stop_workers(procs: Sequence[subprocess.Popen[bytes]]) -> None:
 async def _measure(p: PipelineBenchParams, pg: EmbeddedPostgres, redis_url: str) -> dict[str, Any]:
     url = pg.url()
     rng = random.Random(p.seed)
-    users = await _setup(url, p.accounts)
+    users = await setup_funded_ledger(url, p.accounts, "USD")
     workers = _start_workers(p, url, redis_url)
     pool = await asyncpg.create_pool(url, min_size=2, max_size=4)
     assert pool is not None

@@ -82,23 +82,25 @@ async def _admin(base_url: str, sql: str) -> None:
         await conn.close()
 
 
-async def _setup_ledger(url: str, p: LedgerBenchParams) -> tuple[list[uuid.UUID], uuid.UUID]:
+async def setup_funded_ledger(url: str, accounts: int, currency: str) -> list[uuid.UUID]:
+    """Migrate a scratch database and open ``accounts`` funded user accounts (untimed setup,
+    shared by both benchmarks)."""
     conn = await asyncpg.connect(url, timeout=30)
     try:
         await migrate(conn)
-        await ensure_system_accounts(conn, p.currency)
+        await ensure_system_accounts(conn, currency)
         bank = await system_account(conn, BANK_SETTLEMENT)
-        accounts = await open_accounts(conn, [None] * p.accounts, p.currency)
-        for start in range(0, len(accounts), SETUP_CHUNK):
-            chunk = accounts[start : start + SETUP_CHUNK]
+        users = await open_accounts(conn, [None] * accounts, currency)
+        for start in range(0, len(users), SETUP_CHUNK):
+            chunk = users[start : start + SETUP_CHUNK]
             deposits = await create_intents(
                 conn,
                 [NewIntent("deposit", bank, a, 10**9) for a in chunk],
-                currency=p.currency,
+                currency=currency,
                 amount_max_minor=10**12,
             )
             await apply_batch(conn, [Op(t.id, Action.CREDIT) for t in deposits])
-        return accounts, bank
+        return users
     finally:
         await conn.close()
 
@@ -242,7 +244,7 @@ async def bench_on_server(host: str, port: int, p: LedgerBenchParams) -> dict[st
     try:
         url = f"{base}/{db}"
         rng = random.Random(p.seed)
-        accounts, _bank = await _setup_ledger(url, p)
+        accounts = await setup_funded_ledger(url, p.accounts, p.currency)
         results = {}
         for name in ("random", "hot_dest", "hot_source"):
             results[name] = await _workload(name, url, accounts, p, rng)

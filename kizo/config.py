@@ -201,8 +201,9 @@ class Config:
             signup_per_ip=_int(env, "KIZO_RATE_SIGNUP_PER_IP", 10, **per_minute),
             payments_per_user=_int(env, "KIZO_RATE_PAYMENTS_PER_USER", 300, **per_minute),
             default_per_ip=_int(env, "KIZO_RATE_DEFAULT_PER_IP", 1200, **per_minute),
-            cors_origins=tuple(o.strip() for o in _str(env, "KIZO_CORS_ORIGINS", "").split(",")
-                               if o.strip()),
+            cors_origins=tuple(
+                o.strip() for o in _str(env, "KIZO_CORS_ORIGINS", "").split(",") if o.strip()
+            ),
         )
         return cls(
             home=home,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 from redis.asyncio import Redis
@@ -17,6 +18,7 @@ from actors.bank_client import BankClient
 from actors.janitor import JanitorDeps, PassSummary, run_pass
 from actors.routing import QueueSet, Routed, actor_account
 from engine import BANK_SETTLEMENT, Action, NewIntent, Op, apply_batch, system_account
+from kizo.config import PipelineConfig
 from tests._ledger_helpers import funded, intents
 from tests.conftest import ServerSet, kizo_env
 
@@ -103,3 +105,15 @@ async def janitor_until_quiet(deps: JanitorDeps, passes_max: int = 10) -> PassSu
         await asyncio.sleep(0.5)
         summary = await run_pass(deps)
     return summary
+
+
+@contextlib.asynccontextmanager
+async def janitor_deps(
+    pool: asyncpg.Pool, redis: Redis, bank_url: str, config: PipelineConfig
+) -> AsyncIterator[JanitorDeps]:
+    """The janitor's dependencies on the test's database, Valkey and bank."""
+    bank = BankClient(bank_url, timeout_s=2, retries_max=1)
+    try:
+        yield JanitorDeps(pool, QueueSet(redis, config.shards), bank, config)
+    finally:
+        await bank.aclose()

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -182,6 +181,18 @@ def wait_http(
     raise RuntimeError(f"{url} did not answer within {timeout_s}s")
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
+    """SIGTERM, then SIGKILL after ``timeout_s``; always reaped, so no process outlives its test."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout_s)
+    return proc.returncode
+
+
 def kizo_env(servers: ServerSet, db_url: str, **extra: str) -> dict[str, str]:
     """The environment of a real ``kizo`` child process pointed at the test servers."""
     env = {**os.environ, "DATABASE_URL": db_url, "REDIS_URL": servers.redis_url}
@@ -206,12 +217,7 @@ def running_bank(servers: ServerSet, database: str) -> Iterator[BankProcess]:
         wait_http(f"{url}/health", proc=proc)
         yield BankProcess(url, proc)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from quart.typing import TestClientProtocol as Client
 from api.app import create_app
 from kizo.config import Config, RateLimitConfig
 from kizo.servers import free_port
-from tests.conftest import ServerSet, kizo_env, unique_email, wait_http
+from tests.conftest import ServerSet, kizo_env, stop_process, unique_email, wait_http
 
 
 @pytest_asyncio.fixture
@@ -79,12 +79,7 @@ def two_api_processes(servers: ServerSet, db_url: str) -> Iterator[list[str]]:
         yield urls
     finally:
         for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
 
 
 @pytest.mark.asyncio

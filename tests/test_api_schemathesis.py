@@ -16,7 +16,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
 from kizo.servers import free_port
-from tests.conftest import ServerSet, kizo_env, unique_email, wait_http
+from tests.conftest import ServerSet, kizo_env, stop_process, unique_email, wait_http
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,7 @@ def live_api(servers: ServerSet) -> Iterator[tuple[str, dict[str, str]]]:
         assert signup.status_code == 201
         yield url, {"Authorization": f"Bearer {signup.json()['access_token']}"}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 

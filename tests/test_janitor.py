@@ -16,13 +16,13 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from actors.bank_client import BankClient
 from actors.janitor import JanitorDeps, run_pass
 from actors.routing import QueueSet, queue_name, shard_for
 from engine import BANK_SETTLEMENT, Action, NewIntent, Op, apply_batch, system_account
 from kizo.config import PipelineConfig
 from kizo.servers import free_port
-from tests._ledger_helpers import funded, intents
+from tests._ledger_helpers import intents
+from tests._pipeline_helpers import bank_funded, janitor_deps
 from tests.conftest import BankProcess, ServerSet, kizo_env
 
 SHARDS = 4
@@ -39,29 +39,10 @@ FAST = PipelineConfig(
 
 @pytest_asyncio.fixture
 async def deps(
-    pool: asyncpg.Pool, servers: ServerSet, own_bank: BankProcess, redis_client: Redis
+    pool: asyncpg.Pool, own_bank: BankProcess, redis_client: Redis
 ) -> AsyncIterator[JanitorDeps]:
-    bank = BankClient(own_bank.url, timeout_s=2, retries_max=1)
-    try:
-        yield JanitorDeps(pool, QueueSet(redis_client, SHARDS), bank, FAST)
-    finally:
-        await bank.aclose()
-
-
-async def _funded(deps: JanitorDeps, amounts: list[int]) -> list[uuid.UUID]:
-    """Accounts funded the real way: collected at the bank, then credited."""
-    users = await funded(deps.pool, [0] * len(amounts))
-    bank = await system_account(deps.pool, BANK_SETTLEMENT)
-    deposits = await intents(
-        deps.pool,
-        [NewIntent("deposit", bank, u, a) for u, a in zip(users, amounts, strict=True) if a],
-    )
-    for txn, (user, amount) in zip(
-        deposits, [(u, a) for u, a in zip(users, amounts, strict=True) if a], strict=True
-    ):
-        assert (await deps.bank.collect(txn, user, amount, "USD")).outcome == "succeeded"
-    await apply_batch(deps.pool, [Op(t, Action.CREDIT) for t in deposits])
-    return users
+    async with janitor_deps(pool, redis_client, own_bank.url, FAST) as made:
+        yield made
 
 
 async def _job_exists(redis: Redis, key: str, account: uuid.UUID) -> bool:
@@ -73,7 +54,7 @@ async def _job_exists(redis: Redis, key: str, account: uuid.UUID) -> bool:
 async def test_redrive_enqueues_stuck_intents_once_then_backs_off(
     deps: JanitorDeps, redis_client: Redis
 ) -> None:
-    alice, bob = await _funded(deps, [100, 0])
+    alice, bob = await bank_funded(deps.pool, deps.bank, [100, 0])
     [txn] = await intents(deps.pool, [NewIntent("transfer", alice, bob, 10)])
     first = await run_pass(deps)
     assert first.redriven == 1
@@ -85,7 +66,7 @@ async def test_redrive_enqueues_stuck_intents_once_then_backs_off(
 
 @pytest.mark.asyncio
 async def test_attempts_exhausted_flags_needs_attention(deps: JanitorDeps) -> None:
-    alice, bob = await _funded(deps, [100, 0])
+    alice, bob = await bank_funded(deps.pool, deps.bank, [100, 0])
     [txn] = await intents(deps.pool, [NewIntent("transfer", alice, bob, 10)])
     flagged = 0
     for _ in range(FAST.redrive_attempts_max + 1):
@@ -104,7 +85,7 @@ async def test_attempts_exhausted_flags_needs_attention(deps: JanitorDeps) -> No
 async def test_redis_down_the_rest_of_the_pass_still_runs(deps: JanitorDeps) -> None:
     dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
     broken = dataclasses.replace(deps, queues=QueueSet(dead, SHARDS))
-    alice, bob = await _funded(deps, [100, 0])
+    alice, bob = await bank_funded(deps.pool, deps.bank, [100, 0])
     await intents(deps.pool, [NewIntent("transfer", alice, bob, 10)])
     await deps.pool.execute("UPDATE balances SET posted = posted + 1 WHERE account_id = $1", bob)
     try:
@@ -117,7 +98,7 @@ async def test_redis_down_the_rest_of_the_pass_still_runs(deps: JanitorDeps) -> 
 
 async def _held_withdrawal(deps: JanitorDeps, amount: int) -> tuple[uuid.UUID, uuid.UUID]:
     pool = deps.pool
-    [alice] = await _funded(deps, [1_000])
+    [alice] = await bank_funded(deps.pool, deps.bank, [1_000])
     bank = await system_account(pool, BANK_SETTLEMENT)
     [txn] = await intents(pool, [NewIntent("withdrawal", alice, bank, amount)])
     [held] = await apply_batch(pool, [Op(txn, Action.HOLD)])
@@ -198,7 +179,7 @@ async def test_kizo_janitor_once_exit_code_speaks_for_the_ledger(
     servers: ServerSet, db_url: str, deps: JanitorDeps, own_bank: BankProcess
 ) -> None:
     pool = deps.pool
-    alice, bob = await _funded(deps, [500, 0])
+    alice, bob = await bank_funded(deps.pool, deps.bank, [500, 0])
     [txn] = await intents(pool, [NewIntent("transfer", alice, bob, 100)])
     await apply_batch(pool, [Op(txn, Action.TRANSFER)])
     env = kizo_env(

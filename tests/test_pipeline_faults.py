@@ -19,7 +19,6 @@ import pytest_asyncio
 import redis.exceptions
 from redis.asyncio import Redis
 
-from actors.bank_client import BankClient
 from actors.janitor import JanitorDeps, run_pass
 from actors.routing import QueueSet
 from engine import BANK_SETTLEMENT, NewIntent, system_account
@@ -29,6 +28,7 @@ from tests._pipeline_helpers import (
     SHARDS,
     bank_funded,
     enqueue,
+    janitor_deps,
     janitor_until_quiet,
     start_worker,
     stop_worker,
@@ -48,13 +48,10 @@ FAST = PipelineConfig(
 
 @pytest_asyncio.fixture
 async def deps(
-    pool: asyncpg.Pool, servers: ServerSet, own_bank: BankProcess, redis_client: Redis
+    pool: asyncpg.Pool, own_bank: BankProcess, redis_client: Redis
 ) -> AsyncIterator[JanitorDeps]:
-    bank = BankClient(own_bank.url, timeout_s=2, retries_max=1)
-    try:
-        yield JanitorDeps(pool, QueueSet(redis_client, SHARDS), bank, FAST)
-    finally:
-        await bank.aclose()
+    async with janitor_deps(pool, redis_client, own_bank.url, FAST) as made:
+        yield made
 
 
 async def _with_janitor(deps: JanitorDeps, waiting: Coroutine[Any, Any, object]) -> None:
