@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from kizo.migrate import pending_migrations
 
 log = structlog.get_logger("kizo.api")
 BODY_MAX_BYTES = 64 * 1024
+KEYRING_TTL_S = 5.0
 M = TypeVar("M", bound=BaseModel)
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,189}\.[^@\s]{2,}$")
 _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -44,6 +46,7 @@ class State:
     passwords: Passwords
     refresh: RefreshTokens
     keys: KeyRing
+    keys_loaded_at: float
     registry: CollectorRegistry
     enqueue_failures: Counter
 
@@ -92,7 +95,8 @@ def create_app(config: Config | None = None) -> Quart:
         registry = CollectorRegistry()
         holder["state"] = State(
             config, pool, redis, QueueSet(redis, config.pipeline.shards), Passwords(config.auth),
-            RefreshTokens(redis, config.auth.refresh_ttl_s), await KeyRing.load(pool), registry,
+            RefreshTokens(redis, config.auth.refresh_ttl_s), await KeyRing.load(pool),
+            time.monotonic(), registry,
             Counter("kizo_api_enqueue_failures_total", "Enqueues that failed (outbox relays)",
                     registry=registry),
         )  # fmt: skip
@@ -138,18 +142,27 @@ def create_app(config: Config | None = None) -> Quart:
             500, "Internal error", "something went wrong; nothing was changed"
         ).response()
 
+    async def keyring() -> KeyRing:
+        """The key ring, re-read at most every KEYRING_TTL_S: ``kizo keys rotate`` reaches every
+        running API process within that time, with no restart."""
+        s = state()
+        now = time.monotonic()
+        if now - s.keys_loaded_at > KEYRING_TTL_S:
+            s.keys, s.keys_loaded_at = await KeyRing.load(s.pool), now
+        return s.keys
+
     async def auth() -> tuple[Claims, svc.User]:
         header = request.headers.get("Authorization", "")
         if not header.startswith("Bearer "):
             raise Problem(401, "Unauthorized", "a Bearer access token is required",
                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-        claims = state().keys.verify(header[7:])
+        claims = (await keyring()).verify(header[7:])
         return claims, await svc.get_user(state().pool, claims.user_id)
 
     async def tokens(user: svc.User, refresh: str | None = None) -> dict[str, Any]:
         s = state()
         ttl = s.config.auth.access_ttl_s
-        return {"access_token": s.keys.sign(Claims(user.id, user.role), ttl),
+        return {"access_token": (await keyring()).sign(Claims(user.id, user.role), ttl),
                 "refresh_token": refresh or await s.refresh.issue(user.id),
                 "token_type": "Bearer", "expires_in": ttl}  # fmt: skip
 
@@ -299,7 +312,7 @@ def create_app(config: Config | None = None) -> Quart:
     async def user_key() -> str:
         header = request.headers.get("Authorization", "")
         try:
-            return f"user:{state().keys.verify(header[7:]).user_id}"
+            return f"user:{(await keyring()).verify(header[7:]).user_id}"
         except Problem:
             return await ip_key()
 

@@ -13,12 +13,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import jwt
 import pytest
 import pytest_asyncio
 from quart.typing import TestClientProtocol as Client
 
-from api.app import create_app
+from api.app import KEYRING_TTL_S, create_app
 from kizo.config import Config, RateLimitConfig
 from tests.conftest import ServerSet, kizo_env, unique_email
 
@@ -345,3 +346,60 @@ async def test_nul_characters_are_refused_not_a_500(client: Client) -> None:
     assert response.status_code == 422
     signin = await client.post("/api/v1/auth/signin", json={"email": "\x00", "password": "x"})
     assert signin.status_code == 422
+
+
+async def _rotate(servers: ServerSet, db_url: str) -> None:
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "kizo.cli", "keys", "rotate"],
+        env=kizo_env(servers, db_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.asyncio
+async def test_key_rotation_reaches_the_running_api_and_the_previous_key_still_verifies(
+    client: Client, servers: ServerSet, db_url: str
+) -> None:
+    old = await _signup(client)
+    old_kid = jwt.get_unverified_header(old["access_token"])["kid"]
+    await _rotate(servers, db_url)
+    await asyncio.sleep(KEYRING_TTL_S + 0.2)
+    fresh = await (
+        await client.post("/api/v1/auth/refresh", json={"refresh_token": old["refresh_token"]})
+    ).get_json()
+    assert jwt.get_unverified_header(fresh["access_token"])["kid"] != old_kid
+    for tokens in (old, fresh):  # the newest two keys verify
+        assert (await client.get("/api/v1/accounts/me", headers=_auth(tokens))).status_code == 200
+    await _rotate(servers, db_url)
+    await asyncio.sleep(KEYRING_TTL_S + 0.2)
+    retired = await client.get("/api/v1/accounts/me", headers=_auth(old))
+    assert retired.status_code == 401  # two rotations later the first key is retired
+
+
+@pytest.mark.asyncio
+async def test_payment_is_accepted_while_redis_is_down(
+    client: Client, servers: ServerSet, db_url: str
+) -> None:
+    if servers.valkey is None:
+        pytest.skip("needs the embedded Valkey to stop and start it")
+    tokens = await _signup(client)
+    servers.valkey.kill()
+    try:
+        response = await _pay(client, tokens, "deposit", {"amount": 25}, "redis-down")
+    finally:
+        servers.valkey.start()
+    assert response.status_code == 202  # the intent row is the outbox
+    assert (await response.get_json())["status"] == "pending"
+    conn = await asyncpg.connect(db_url)
+    try:
+        stored = await conn.fetchval(
+            "SELECT count(*) FROM transactions WHERE kind = 'deposit'"
+            " AND amount_minor = 25 AND status = 'pending'"
+        )
+    finally:
+        await conn.close()
+    assert stored == 1
