@@ -8,6 +8,7 @@ as a whole), then the committer and the actors, then the pools.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import uuid
 from collections.abc import Sequence
@@ -135,6 +136,9 @@ def _saq_worker(queue: Any, registry: Registry, concurrency: int) -> Worker[Sett
 
 
 async def main(config: Config, spec: WorkerSpec) -> None:
+    # SAQ warns at every shutdown that its upkeep loops (which never end by themselves) had to be
+    # cancelled; job failures stay visible, they are logged as errors.
+    logging.getLogger("saq").setLevel(logging.ERROR)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
