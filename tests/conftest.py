@@ -116,9 +116,10 @@ async def db_url(servers: ServerSet, db_name: str) -> AsyncIterator[str]:
         await admin.close()
 
 
-@pytest.fixture
-def sync_db_url(servers: ServerSet, db_name: str) -> Iterator[str]:
-    """``db_url`` for synchronous tests (hypothesis drives its own ``asyncio.run`` per example)."""
+@contextlib.contextmanager
+def template_database(servers: ServerSet, name: str) -> Iterator[str]:
+    """A database cloned from the migrated template, dropped on exit; for fixtures that cannot
+    use the async ``db_url`` (synchronous tests, module-scoped processes)."""
 
     async def admin(sql: str) -> None:
         conn = await asyncpg.connect(servers.pg_url("postgres"))
@@ -127,11 +128,18 @@ def sync_db_url(servers: ServerSet, db_name: str) -> Iterator[str]:
         finally:
             await conn.close()
 
-    asyncio.run(admin(f"CREATE DATABASE {db_name} TEMPLATE {TEMPLATE_DB}"))
+    asyncio.run(admin(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}"))
     try:
-        yield servers.pg_url(db_name)
+        yield servers.pg_url(name)
     finally:
-        asyncio.run(admin(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def sync_db_url(servers: ServerSet, db_name: str) -> Iterator[str]:
+    """``db_url`` for synchronous tests (hypothesis drives its own ``asyncio.run`` per example)."""
+    with template_database(servers, db_name) as url:
+        yield url
 
 
 @pytest_asyncio.fixture

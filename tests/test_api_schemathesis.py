@@ -16,44 +16,35 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
 from kizo.servers import free_port
-from tests.conftest import ServerSet, kizo_env, stop_process, unique_email, wait_http
+from tests.conftest import (
+    ServerSet,
+    kizo_env,
+    stop_process,
+    template_database,
+    unique_email,
+    wait_http,
+)
 
 
 @pytest.fixture(scope="module")
 def live_api(servers: ServerSet) -> Iterator[tuple[str, dict[str, str]]]:
     """A real API process on a database of its own, with one signed-up user."""
-    import asyncio
-
-    import asyncpg
-
-    from tests.conftest import TEMPLATE_DB
-
-    name = f"kizo_schema_{free_port()}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(servers.pg_url("postgres"))
+    with template_database(servers, f"kizo_schema_{free_port()}") as db_url:
+        port = free_port()
+        env = kizo_env(servers, db_url, KIZO_API_PORT=str(port), KIZO_RATE_LIMITS="off")
+        proc = subprocess.Popen([sys.executable, "-m", "kizo.cli", "api"], env=env)
+        url = f"http://127.0.0.1:{port}"
         try:
-            await conn.execute(sql)
+            wait_http(f"{url}/health", proc=proc)
+            signup = httpx.post(
+                f"{url}/api/v1/auth/signup",
+                timeout=10,
+                json={"email": unique_email(), "password": "long enough pw", "name": "S"},
+            )
+            assert signup.status_code == 201
+            yield url, {"Authorization": f"Bearer {signup.json()['access_token']}"}
         finally:
-            await conn.close()
-
-    asyncio.run(admin(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}"))
-    port = free_port()
-    env = kizo_env(servers, servers.pg_url(name), KIZO_API_PORT=str(port), KIZO_RATE_LIMITS="off")
-    proc = subprocess.Popen([sys.executable, "-m", "kizo.cli", "api"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", proc=proc)
-        signup = httpx.post(
-            f"{url}/api/v1/auth/signup",
-            timeout=10,
-            json={"email": unique_email(), "password": "long enough pw", "name": "S"},
-        )
-        assert signup.status_code == 201
-        yield url, {"Authorization": f"Bearer {signup.json()['access_token']}"}
-    finally:
-        stop_process(proc)
-        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            stop_process(proc)
 
 
 EXAMPLES_PER_OPERATION = 25
