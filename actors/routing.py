@@ -9,6 +9,7 @@ whose job already completed is a no-op in the ledger (the batch guards on status
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -99,17 +100,84 @@ class QueueSet:
         by_shard: dict[int, list[Routed]] = {}
         for item in items:
             by_shard.setdefault(shard_for(item.account_id, self.shards), []).append(item)
-        jobs = 0
-        for shard, routed in by_shard.items():
-            for start in range(0, len(routed), per_job_max):
-                group = routed[start : start + per_job_max]
-                await self.queues[shard].enqueue(
-                    SETTLE_MANY_JOB,
-                    key=f"group-{uuid.uuid4()}",
-                    timeout=JOB_TIMEOUT_S,
-                    retries=JOB_RETRIES_MAX,
-                    ttl=JOB_TTL_S,
-                    items=[[str(r.txn_id), str(r.account_id)] for r in group],
-                )
-                jobs += 1
-        return jobs
+        groups = [
+            (shard, routed[start : start + per_job_max])
+            for shard, routed in by_shard.items()
+            for start in range(0, len(routed), per_job_max)
+        ]
+        # One round trip per group, the groups in parallel (they go to different queues).
+        await asyncio.gather(*(self._enqueue_group(shard, group) for shard, group in groups))
+        return len(groups)
+
+    async def _enqueue_group(self, shard: int, group: Sequence[Routed]) -> None:
+        await self.queues[shard].enqueue(
+            SETTLE_MANY_JOB,
+            key=f"group-{uuid.uuid4()}",
+            timeout=JOB_TIMEOUT_S,
+            retries=JOB_RETRIES_MAX,
+            ttl=JOB_TTL_S,
+            items=[[str(r.txn_id), str(r.account_id)] for r in group],
+        )
+
+
+class Coalescer:
+    """Turns concurrent one-intent enqueues (one per API request) into grouped jobs, the way a
+    group commit turns concurrent transactions into one flush.
+
+    One flusher task: while its enqueue is in Redis, the intents of other requests gather; the
+    next flush takes all of them. A lone intent is flushed at once as a plain ``settle`` job
+    keyed by its transaction id: no timer, so no added wait at low load, and under load the
+    groups grow by themselves. Each caller awaits its own intent's flush and sees its error.
+    """
+
+    def __init__(self, queues: QueueSet, per_job_max: int = SETTLE_MANY_MAX) -> None:
+        self.queues = queues
+        self.per_job_max = per_job_max
+        self._waiting: list[tuple[Routed, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self.flushes = 0
+        self.intents = 0
+
+    async def enqueue(self, item: Routed) -> None:
+        """Returns once the intent's job is in Redis; raises what the enqueue raised."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, done))
+        self._wake.set()
+        await done
+
+    async def run(self) -> None:
+        """The flusher; runs until cancelled. Intents still waiting then are told so (their
+        rows stay pending: the janitor's relay enqueues them)."""
+        batch: list[tuple[Routed, asyncio.Future[None]]] = []
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                batch, self._waiting = self._waiting, []
+                if batch:
+                    await self._flush(batch)
+        finally:
+            for _, done in batch + self._waiting:
+                if not done.done():
+                    done.set_exception(ConnectionError("enqueue stopped: shutting down"))
+            self._waiting = []
+
+    async def _flush(self, batch: list[tuple[Routed, asyncio.Future[None]]]) -> None:
+        items = [item for item, _ in batch]
+        error: BaseException | None = None
+        try:
+            if len(items) == 1:
+                await self.queues.enqueue(items)
+            else:
+                await self.queues.enqueue_grouped(items, self.per_job_max)
+        except Exception as exc:  # handed to every caller of this batch, who decides
+            error = exc
+        self.flushes += 1
+        self.intents += len(items)
+        for _, done in batch:
+            if done.done():  # the caller went away (client disconnected): nothing to tell
+                continue
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import time
@@ -18,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from quart import Quart, Response, g, request
 from redis.asyncio import Redis
 
-from actors.routing import QueueSet, Routed, actor_account
+from actors.routing import Coalescer, QueueSet, Routed, actor_account
 from api import _service as svc
 from api._auth import Claims, KeyRing, Passwords, RefreshTokens, ensure_key
 from api._edges import cors, install, ip_key
@@ -42,7 +44,8 @@ class State:
     config: Config
     pool: asyncpg.Pool
     redis: Redis
-    queues: QueueSet
+    coalescer: Coalescer
+    flusher: asyncio.Task[None]
     passwords: Passwords
     refresh: RefreshTokens
     keys: KeyRing
@@ -93,8 +96,10 @@ def create_app(config: Config | None = None) -> Quart:
         redis = Redis.from_url(config.valkey_url(), socket_timeout=2, socket_connect_timeout=2,
                                max_connections=200)  # fmt: skip
         registry = CollectorRegistry()
+        coalescer = Coalescer(QueueSet(redis, config.pipeline.shards))
         holder["state"] = State(
-            config, pool, redis, QueueSet(redis, config.pipeline.shards), Passwords(config.auth),
+            config, pool, redis, coalescer, asyncio.create_task(coalescer.run()),
+            Passwords(config.auth),
             RefreshTokens(redis, config.auth.refresh_ttl_s), await KeyRing.load(pool),
             time.monotonic(), registry,
             Counter("kizo_api_enqueue_failures_total", "Enqueues that failed (outbox relays)",
@@ -104,6 +109,9 @@ def create_app(config: Config | None = None) -> Quart:
     @app.after_serving
     async def shutdown() -> None:
         s = state()
+        s.flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await s.flusher
         s.passwords.close()
         await s.redis.aclose()
         await s.pool.close()
@@ -329,11 +337,12 @@ def _status_handler(status: int, title: str) -> Callable[[Exception], Awaitable[
 
 
 async def _enqueue(s: State, txn: Transaction) -> None:
-    """After commit. If Redis is down the intent stays pending: the janitor's relay enqueues it."""
+    """After commit, so whatever goes wrong here the answer is still the 202 of a recorded
+    intent: it stays pending and the janitor's relay enqueues it."""
     try:
-        await s.queues.enqueue([Routed(txn.id, actor_account(txn.kind, txn.source_id,
-                                                             txn.dest_id))])  # fmt: skip
-    except (redis.exceptions.RedisError, OSError) as exc:
+        await s.coalescer.enqueue(Routed(txn.id, actor_account(txn.kind, txn.source_id,
+                                                               txn.dest_id)))  # fmt: skip
+    except Exception as exc:  # Redis down, timeouts, SAQ errors: the outbox covers them all
         s.enqueue_failures.inc()
         log.warning("enqueue_failed", txn=str(txn.id), error=repr(exc))
 

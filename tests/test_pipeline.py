@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
+import uuid
 
 import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from actors.routing import QueueSet, Routed
+from actors.routing import Coalescer, QueueSet, Routed
 from engine import BANK_SETTLEMENT, NewIntent, audit, system_account
+from kizo.servers import free_port
 from tests._ledger_helpers import funded, intents
 from tests._pipeline_helpers import SHARDS, enqueue, start_worker, stop_worker, wait_final
 from tests.conftest import ServerSet
@@ -125,3 +130,61 @@ async def test_grouped_jobs_settle_every_intent_once(
     ) == 2 * await pool.fetchval(
         "SELECT count(*) FROM transactions WHERE id = ANY($1::uuid[]) AND status = 'settled'", ids
     )
+
+
+@pytest.mark.asyncio
+async def test_coalescer_groups_concurrent_enqueues_and_every_intent_settles_once(
+    servers: ServerSet, db_url: str, pool: asyncpg.Pool, bank_url: str, redis_client: object
+) -> None:
+    rng = random.Random(11)
+    users = await funded(pool, [10_000] * 30)
+    pairs = [rng.sample(users, 2) for _ in range(600)]
+    ids = await intents(pool, [NewIntent("transfer", a, b, 3) for a, b in pairs])
+    rows = await pool.fetch(
+        "SELECT id, source_id FROM transactions WHERE id = ANY($1::uuid[])", ids
+    )
+    redis = Redis.from_url(servers.redis_url, socket_timeout=5)
+    coalescer = Coalescer(QueueSet(redis, SHARDS))
+    flusher = asyncio.create_task(coalescer.run())
+    try:
+        # One task per intent, as one API request each; a lone one first (a plain job).
+        await coalescer.enqueue(Routed(rows[0]["id"], rows[0]["source_id"]))
+        assert (coalescer.flushes, coalescer.intents) == (1, 1)
+        await asyncio.gather(
+            *(coalescer.enqueue(Routed(r["id"], r["source_id"])) for r in rows[1:])
+        )
+        assert coalescer.intents == len(rows)
+        assert coalescer.flushes <= len(rows) // 10  # concurrent requests shared flushes
+        worker = start_worker(servers, db_url, bank_url)
+        try:
+            await wait_final(pool, ids)
+        finally:
+            assert stop_worker(worker) == 0
+    finally:
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        await redis.aclose()
+    await _exactly_once(pool)
+
+
+@pytest.mark.asyncio
+async def test_coalescer_hands_a_redis_failure_to_every_caller_of_the_flush() -> None:
+    # A Redis nobody listens on: every caller sees the error (the API then counts the intent
+    # as left to the outbox relay); the flusher itself keeps running.
+    redis = Redis.from_url(f"redis://127.0.0.1:{free_port()}", socket_timeout=1,
+                           socket_connect_timeout=1)  # fmt: skip
+    coalescer = Coalescer(QueueSet(redis, SHARDS))
+    flusher = asyncio.create_task(coalescer.run())
+    try:
+        items = [Routed(uuid.uuid4(), uuid.uuid4()) for _ in range(20)]
+        results = await asyncio.gather(
+            *(coalescer.enqueue(i) for i in items), return_exceptions=True
+        )
+        assert all(isinstance(r, OSError | RedisError) for r in results), results
+        assert not flusher.done()
+    finally:
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        await redis.aclose()
