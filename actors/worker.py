@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import structlog
 from redis.asyncio import Redis
 from saq import Worker
@@ -26,6 +25,7 @@ from actors._committer import Committer
 from actors.bank_client import BankClient
 from actors.routing import SETTLE_JOB, SETTLE_MANY_JOB, QueueSet
 from kizo.config import Config
+from kizo.db import create_pool
 
 log = structlog.get_logger("kizo.worker")
 
@@ -69,13 +69,12 @@ async def _settle(ctx: SettleContext, *, txn_id: str, account_id: str) -> None:
 
 async def run_worker(config: Config, spec: WorkerSpec, stop: asyncio.Event) -> None:
     p = config.pipeline
-    pool = await asyncpg.create_pool(
+    pool = await create_pool(
         spec.database_url,
         min_size=2,
         max_size=DB_POOL_SIZE,
         command_timeout=config.ledger.statement_timeout_ms / 1000,
     )
-    assert pool is not None
     # The process's concurrency is shared by its shard consumers; every one of their jobs may
     # hold a Redis connection (a blocking dequeue, a finish), plus each consumer's upkeep.
     per_shard = max(SHARD_CONCURRENCY_MIN, p.worker_concurrency // len(spec.shards))

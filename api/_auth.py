@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
+import os
 import secrets
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 import jwt
@@ -32,8 +37,45 @@ from kizo.config import AuthConfig
 JWT_ALGORITHM = "HS256"
 VERIFYING_KEYS = 2
 HASH_WAITING_MAX = 64
+T = TypeVar("T")
 _REFRESH_PREFIX = "kizo:refresh:"
 _FAMILY_PREFIX = "kizo:refresh-family:"
+
+
+# Argon2 is meant to be expensive; payments must not pay for it. Two measures, both measured
+# with `kizo bench api` (docs/benchmarks.md):
+# - Hashing threads run under Linux's SCHED_IDLE policy (set per thread): they get a core only
+#   when nothing else wants it. Elsewhere (or if refused) they keep the default policy.
+# - Each hashing thread is paced to a duty cycle (AuthConfig.hash_duty_pct): after a hash that
+#   took t, its next hash starts no sooner than t * (100 - duty) / duty later. A core that
+#   hashes flat out slows the other one (shared caches and memory bandwidth, and on a VM
+#   possibly a shared physical core), which no scheduling policy inside the guest prevents.
+#   Sign-ins beyond the paced rate wait in the bounded queue, then get a fast 503.
+
+
+def _yield_cpu() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+
+
+class _Pacer:
+    """Per hashing thread: when it may start its next hash."""
+
+    def __init__(self, duty_pct: int) -> None:
+        assert 1 <= duty_pct <= 100
+        self.rest_per_busy = (100 - duty_pct) / duty_pct
+        self.local = threading.local()
+
+    def run(self, fn: Callable[..., T], *args: object) -> T:
+        wait_s = getattr(self.local, "next_start", 0.0) - time.monotonic()
+        if wait_s > 0:
+            time.sleep(wait_s)
+        started = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            ended = time.monotonic()
+            self.local.next_start = ended + (ended - started) * self.rest_per_busy
 
 
 class Passwords:
@@ -44,7 +86,10 @@ class Passwords:
             memory_cost=config.argon2_memory_kib,
             parallelism=config.argon2_parallelism,
         )
-        self._pool = ThreadPoolExecutor(config.hash_threads_max, thread_name_prefix="argon2")
+        self._pool = ThreadPoolExecutor(
+            config.hash_threads_max, thread_name_prefix="argon2", initializer=_yield_cpu
+        )
+        self._pacer = _Pacer(config.hash_duty_pct)
         self._slots = asyncio.Semaphore(config.hash_threads_max + HASH_WAITING_MAX)
         # Verified against when the email is unknown: the same work, so no enumeration by timing.
         self._dummy = self._hasher.hash(self._peppered("not-a-password"))
@@ -52,13 +97,13 @@ class Passwords:
     def _peppered(self, password: str) -> bytes:
         return base64.b64encode(hmac.new(self._pepper, password.encode(), "sha256").digest())
 
-    async def _run(self, fn: object, *args: object) -> object:
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
         if self._slots.locked():
             raise Problem(503, "Busy", "too many sign-ins at once, retry shortly",
                           headers={"Retry-After": "1"})  # fmt: skip
         async with self._slots:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, fn, *args)  # type: ignore[arg-type]
+            return await loop.run_in_executor(self._pool, self._pacer.run, fn, *args)
 
     async def hash(self, password: str) -> str:
         result = await self._run(self._hasher.hash, self._peppered(password))

@@ -26,7 +26,7 @@ from engine import (
     open_accounts,
     system_account,
 )
-from engine._types import Conn, Db
+from engine._types import Conn
 
 IDEMPOTENCY_WAIT_MS = 5000
 PAGE_MAX = 200
@@ -99,52 +99,45 @@ class Stored:
     txn: Transaction | None = None
 
 
-async def _recipient(conn: Conn, to: str) -> uuid.UUID:
+async def _recipient(conn: Conn, to: str) -> tuple[uuid.UUID, str]:
+    """A user's account (by email or account id) and that user's email. System accounts are no
+    recipients: money reaches them only through deposits and withdrawals."""
     try:
-        return uuid.UUID(to)
+        row = await conn.fetchrow("SELECT account_id, email FROM users WHERE account_id = $1",
+                                  uuid.UUID(to))  # fmt: skip
     except ValueError:
-        account = await conn.fetchval("SELECT account_id FROM users WHERE lower(email) = lower($1)",
-                                      to)  # fmt: skip
-        if account is None:
-            raise Problem(
-                422, "Unknown recipient", "no user with that email or account id"
-            ) from None
-        assert isinstance(account, uuid.UUID)
-        return account
+        row = await conn.fetchrow(
+            "SELECT account_id, email FROM users WHERE lower(email) = lower($1)", to
+        )
+    if row is None:
+        raise Problem(422, "Unknown recipient", "no user with that email or account id")
+    return row["account_id"], row["email"]
 
 
 async def pay(pool: asyncpg.Pool, user: User, key: str, path: str, kind: str,
               body: dict[str, Any], currency: str, amount_max_minor: int) -> Stored:  # fmt: skip
-    """The idempotency record and the intent in one transaction. A concurrent request with the
-    same key waits on the record's unique index until the first commits, then replays it; if it
-    waits longer than IDEMPOTENCY_WAIT_MS, it is told 409 (still in flight)."""
+    """The intent and its idempotency record in one transaction, the record written last: if
+    the key is taken (an earlier request, or a concurrent one still in flight, whose commit
+    the insert waits for, at most the pool's lock_timeout), the whole transaction rolls back,
+    the intent with it, and the stored answer is replayed (or 409 while still in flight)."""
     digest = request_hash(path, body)
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(f"SET LOCAL lock_timeout = '{IDEMPOTENCY_WAIT_MS}ms'")
+    async with pool.acquire() as conn:
         try:
-            claimed = await conn.fetchval(
-                "INSERT INTO idempotency_keys (scope, key, request_hash) VALUES ($1, $2, $3)"
-                " ON CONFLICT DO NOTHING RETURNING true",
-                str(user.id),
-                key,
-                digest,
-            )
+            async with conn.transaction():
+                txn, counterparty = await _create(conn, user, kind, body, currency,
+                                                  amount_max_minor)  # fmt: skip
+                response = render(txn, user, counterparty)
+                await conn.execute(
+                    "INSERT INTO idempotency_keys (scope, key, request_hash, state, status_code,"
+                    " response_body, transaction_id) VALUES ($1, $2, $3, 'done', 202, $4, $5)",
+                    str(user.id), key, digest, json.dumps(response), txn.id,
+                )  # fmt: skip
+        except asyncpg.UniqueViolationError:
+            return await _replay(conn, user, key, digest)
         except asyncpg.LockNotAvailableError:
             raise Problem(409, "Request in flight",
                           "a request with this idempotency key is still being processed",
                           headers={"Retry-After": "1"}) from None  # fmt: skip
-        if not claimed:
-            return await _replay(conn, user, key, digest)
-        txn = await _create(conn, user, kind, body, currency, amount_max_minor)
-        response = await transaction_json(conn, txn, user)
-        await conn.execute(
-            "UPDATE idempotency_keys SET state = 'done', status_code = 202, response_body = $3,"
-            " transaction_id = $4 WHERE scope = $1 AND key = $2",
-            str(user.id),
-            key,
-            json.dumps(response),
-            txn.id,
-        )
     return Stored(202, response, False, txn)
 
 
@@ -155,7 +148,8 @@ async def _replay(conn: Conn, user: User, key: str, digest: str) -> Stored:
         str(user.id),
         key,
     )
-    assert row is not None
+    if row is None:  # the other request rolled back after all: the client may simply retry
+        raise Problem(409, "Request in flight", "retry shortly", headers={"Retry-After": "1"})
     if row["request_hash"] != digest:
         raise Problem(422, "Idempotency key reused",
                       "this idempotency key was used with a different request")  # fmt: skip
@@ -165,33 +159,43 @@ async def _replay(conn: Conn, user: User, key: str, digest: str) -> Stored:
 
 
 async def _create(conn: Conn, user: User, kind: str, body: dict[str, Any],
-                  currency: str, amount_max_minor: int) -> Transaction:  # fmt: skip
-    bank = await system_account(conn, BANK_SETTLEMENT)
+                  currency: str, amount_max_minor: int) -> tuple[Transaction, str]:  # fmt: skip
+    """The intent, and the counterparty as the caller sees it."""
     amount = body["amount"]
-    if kind == "deposit":
-        intent = NewIntent("deposit", bank, user.account_id, amount)
-    elif kind == "withdrawal":
-        intent = NewIntent("withdrawal", user.account_id, bank, amount)
-    else:
-        dest = await _recipient(conn, body["to"])
+    if kind == "transfer":
+        dest, email = await _recipient(conn, body["to"])
         intent = NewIntent("transfer", user.account_id, dest, amount, body.get("note"))
+    else:
+        bank = await system_account(conn, BANK_SETTLEMENT)
+        email = "bank"
+        intent = NewIntent(kind, bank, user.account_id, amount)
+        if kind == "withdrawal":
+            intent = NewIntent(kind, user.account_id, bank, amount)
     [txn] = await create_intents(conn, [intent], currency=currency,
                                  amount_max_minor=amount_max_minor)  # fmt: skip
-    return txn
+    return txn, email
 
 
 def _rfc3339(value: dt.datetime | None) -> str | None:
     return None if value is None else value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-async def transaction_json(db: Db, txn: Transaction,
-                           user: User) -> dict[str, Any]:  # fmt: skip
+# A transaction as its user sees it: the counterparty is the other side's email, or "bank".
+_VIEW = (
+    ", ".join(f"t.{c}" for c in TRANSACTION_COLUMNS.split(", "))
+    + ", coalesce(u.email, CASE WHEN t.kind = 'transfer' THEN NULL ELSE 'bank' END,"
+    " (CASE WHEN t.source_id = $1 THEN t.dest_id ELSE t.source_id END)::text) AS counterparty"
+    " FROM transactions t LEFT JOIN users u ON t.kind = 'transfer'"
+    " AND u.account_id = CASE WHEN t.source_id = $1 THEN t.dest_id ELSE t.source_id END"
+)
+
+
+def _viewed(row: asyncpg.Record, user: User) -> dict[str, Any]:
+    return render(Transaction.from_row(row), user, row["counterparty"])
+
+
+def render(txn: Transaction, user: User, counterparty: str) -> dict[str, Any]:
     outgoing = txn.source_id == user.account_id
-    other = txn.dest_id if outgoing else txn.source_id
-    counterparty = "bank"
-    if txn.kind == "transfer":
-        counterparty = await db.fetchval("SELECT email FROM users WHERE account_id = $1",
-                                         other) or str(other)  # fmt: skip
     return {
         "id": str(txn.id), "kind": txn.kind, "status": txn.status, "amount": txn.amount_minor,
         "currency": txn.currency, "direction": "out" if outgoing else "in",
@@ -202,14 +206,13 @@ async def transaction_json(db: Db, txn: Transaction,
 
 async def get_transaction(pool: asyncpg.Pool, user: User, txn_id: uuid.UUID) -> dict[str, Any]:
     row = await pool.fetchrow(
-        f"SELECT {TRANSACTION_COLUMNS} FROM transactions WHERE id = $1"
-        " AND (source_id = $2 OR dest_id = $2)",
-        txn_id,
+        f"SELECT {_VIEW} WHERE t.id = $2 AND (t.source_id = $1 OR t.dest_id = $1)",
         user.account_id,
+        txn_id,
     )
     if row is None:  # another user's transaction is as unknown as a missing one
         raise Problem(404, "Not found", "no such transaction")
-    return await transaction_json(pool, Transaction.from_row(row), user)
+    return _viewed(row, user)
 
 
 def _cursor(created_at: dt.datetime, txn_id: uuid.UUID) -> str:
@@ -231,15 +234,18 @@ async def list_transactions(pool: asyncpg.Pool, user: User, cursor: str | None,
     after = _parse_cursor(cursor) if cursor else (dt.datetime.max.replace(tzinfo=dt.UTC),
                                                   uuid.UUID(int=2**128 - 1))  # fmt: skip
     rows = await pool.fetch(
-        f"SELECT {TRANSACTION_COLUMNS} FROM transactions"
-        " WHERE (source_id = $1 OR dest_id = $1) AND (created_at, id) < ($2, $3)"
-        " ORDER BY created_at DESC, id DESC LIMIT $4", user.account_id, after[0], after[1],
+        f"SELECT {_VIEW} WHERE (t.source_id = $1 OR t.dest_id = $1)"
+        " AND (t.created_at, t.id) < ($2, $3)"
+        " ORDER BY t.created_at DESC, t.id DESC LIMIT $4", user.account_id, after[0], after[1],
         limit + 1)  # fmt: skip
-    page = [Transaction.from_row(r) for r in rows[:limit]]
-    items = [await transaction_json(pool, t, user) for t in page]
+    page = rows[:limit]
+    items = [_viewed(r, user) for r in page]
     more = len(rows) > limit
-    return {"items": items,
-            "next_cursor": _cursor(page[-1].created_at, page[-1].id) if more else None}  # fmt: skip
+    last = page[-1] if more else None
+    return {
+        "items": items,
+        "next_cursor": None if last is None else _cursor(last["created_at"], last["id"]),
+    }
 
 
 CSV_PAGE = 500

@@ -8,7 +8,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -16,6 +16,8 @@ import asyncpg
 import redis.exceptions
 import structlog
 from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ValidationError
 from quart import Quart, Response, g, request
 from redis.asyncio import Redis
@@ -29,6 +31,7 @@ from api._openapi import DOCS_PAGE, document
 from api._problems import Problem, from_ledger
 from engine import LedgerError, Transaction, get_balance
 from kizo.config import Config
+from kizo.db import create_pool
 from kizo.migrate import pending_migrations
 
 log = structlog.get_logger("kizo.api")
@@ -89,14 +92,17 @@ def create_app(config: Config | None = None) -> Quart:
 
     @app.before_serving
     async def startup() -> None:
-        pool = await asyncpg.create_pool(config.pg_url(), min_size=2, max_size=10,
-                                         command_timeout=10)  # fmt: skip
-        assert pool is not None
+        # No API statement should wait long for a lock; the one that may (a payment whose
+        # idempotency key is in flight elsewhere) turns a longer wait into 409.
+        lock_timeout = {"lock_timeout": f"{svc.IDEMPOTENCY_WAIT_MS}ms"}
+        pool = await create_pool(config.pg_url(), min_size=2, max_size=10, command_timeout=10,
+                                 server_settings=lock_timeout)  # fmt: skip
         await ensure_key(pool)
         redis = Redis.from_url(config.valkey_url(), socket_timeout=2, socket_connect_timeout=2,
                                max_connections=200)  # fmt: skip
         registry = CollectorRegistry()
         coalescer = Coalescer(QueueSet(redis, config.pipeline.shards))
+        registry.register(_CoalescerCollector(coalescer))
         holder["state"] = State(
             config, pool, redis, coalescer, asyncio.create_task(coalescer.run()),
             Passwords(config.auth),
@@ -134,6 +140,11 @@ def create_app(config: Config | None = None) -> Quart:
     @app.errorhandler(Problem)
     async def problem(exc: Problem) -> Response:
         return exc.response()
+
+    @app.errorhandler(asyncpg.LockNotAvailableError)
+    async def lock_wait(_exc: asyncpg.LockNotAvailableError) -> Response:
+        return Problem(503, "Busy", "the request waited too long for a lock; nothing was changed",
+                       headers={"Retry-After": "1"}).response()  # fmt: skip
 
     @app.errorhandler(LedgerError)
     async def ledger_error(exc: LedgerError) -> Response:
@@ -327,6 +338,19 @@ def create_app(config: Config | None = None) -> Quart:
     install(app, config.limits, config.valkey_url(), user_key)
     cors(app, config.limits.cors_origins)
     return app
+
+
+class _CoalescerCollector(Collector):
+    """How many SAQ enqueues the API made and how many intents they carried."""
+
+    def __init__(self, coalescer: Coalescer) -> None:
+        self.coalescer = coalescer
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily("kizo_api_enqueue_flushes", "SAQ enqueue round trips of the API",
+                                  value=self.coalescer.flushes)  # fmt: skip
+        yield CounterMetricFamily("kizo_api_enqueued_intents", "Intents enqueued by the API",
+                                  value=self.coalescer.intents)  # fmt: skip
 
 
 def _status_handler(status: int, title: str) -> Callable[[Exception], Awaitable[Response]]:

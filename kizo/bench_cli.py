@@ -24,7 +24,7 @@ def _bounded(low: int, high: int) -> type[int]:
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=["ledger", "pipeline"], help="what to measure")
+    parser.add_argument("name", choices=["ledger", "pipeline", "api"], help="what to measure")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--transfers", type=_bounded(100, 2_000_000), help="default 40k / 20k")
     parser.add_argument("--accounts", type=_bounded(10, 1_000_000), help="default 20k / 5k")
@@ -41,12 +41,19 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         default=60,
         help="offered rate for the lag run, in %% of measured capacity",
     )
+    api = parser.add_argument_group("api")
+    api.add_argument("--users", type=_bounded(2, 10_000), default=200)
+    api.add_argument("--seconds", type=_bounded(1, 600), default=10, help="throughput run")
+    api.add_argument("--rate", type=_bounded(1, 5_000), default=100, help="payments/s, flood run")
+    api.add_argument("--flood", type=_bounded(1, 512), default=16, help="sign-in loops")
+    api.add_argument("--windows", type=_bounded(1, 40), default=8, help="pairs of windows")
+    api.add_argument("--window-seconds", type=_bounded(1, 120), default=4)
 
 
 def _bench(config: Config, args: argparse.Namespace) -> int:
     if args.accounts is not None and args.accounts < 3:
         raise UsageError("--accounts must be at least 3")
-    report, text = (_ledger if args.name == "ledger" else _pipeline)(config, args)
+    report, text = {"ledger": _ledger, "pipeline": _pipeline, "api": _api}[args.name](config, args)
     print(json.dumps(report) if args.json else text)
     return 0
 
@@ -62,6 +69,24 @@ def _pipeline(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any],
         lag_seconds=args.lag_seconds,
         rate_share=args.rate_share / 100,
         clients=args.clients,
+        pgbench_seconds=args.pgbench_seconds,
+        seed=args.seed,
+    )
+    report = run(params)
+    return report, table(report)
+
+
+def _api(_config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from api.bench import ApiBenchParams, run, table
+
+    params = ApiBenchParams(
+        users=args.users,
+        clients=args.clients if args.clients != 4 else ApiBenchParams.clients,
+        seconds=args.seconds,
+        rate=args.rate,
+        flood=args.flood,
+        windows=args.windows,
+        window_seconds=args.window_seconds,
         pgbench_seconds=args.pgbench_seconds,
         seed=args.seed,
     )
@@ -85,4 +110,8 @@ def _ledger(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], s
     return report, table(report)
 
 
-register(Command("bench", "measure the ledger or the pipeline against pgbench", _bench, _configure))
+register(
+    Command(
+        "bench", "measure the ledger, the pipeline or the API against pgbench", _bench, _configure
+    )
+)

@@ -86,7 +86,7 @@ def register(command: Command) -> None:
     COMMANDS.append(command)
 
 
-def _load_plugins() -> None:
+def load_plugins() -> None:
     """Commands that live with the code they run register themselves on import."""
     import importlib
     import importlib.util
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _load_plugins()
+    load_plugins()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:

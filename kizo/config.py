@@ -100,9 +100,34 @@ class AuthConfig:
     argon2_memory_kib: int = 19 * 1024
     argon2_time_cost: int = 2
     argon2_parallelism: int = 1
-    hash_threads_max: int = 2
+    hash_threads_max: int = 1
+    hash_duty_pct: int = 25
     access_ttl_s: int = 900
     refresh_ttl_s: int = 30 * 24 * 3600
+
+
+# OWASP's Argon2id configurations, equal in strength (memory KiB, passes): no weaker setting is
+# accepted. A smaller memory with more passes keeps hashing inside the CPU caches that payments
+# share with it.
+ARGON2_OWASP_FLOOR = ((47_104, 1), (19_456, 2), (12_288, 3), (9_216, 4), (7_168, 5))
+
+
+def _auth(env: Mapping[str, str]) -> AuthConfig:
+    d = AuthConfig
+    memory_kib = _int(env, "KIZO_ARGON2_MEMORY_KIB", d.argon2_memory_kib, low=7_168, high=1 << 22)
+    time_cost = _int(env, "KIZO_ARGON2_TIME_COST", d.argon2_time_cost, low=1, high=64)
+    if not any(memory_kib >= m and time_cost >= t for m, t in ARGON2_OWASP_FLOOR):
+        raise ConfigError(
+            f"Argon2id m={memory_kib} KiB, t={time_cost} is weaker than OWASP's minimum"
+            " (one of m=47104/t=1, 19456/2, 12288/3, 9216/4, 7168/5)"
+        )
+    return AuthConfig(
+        pepper=_str(env, "KIZO_PEPPER", d.pepper),
+        argon2_memory_kib=memory_kib,
+        argon2_time_cost=time_cost,
+        hash_threads_max=_int(env, "KIZO_HASH_THREADS", d.hash_threads_max, low=1, high=64),
+        hash_duty_pct=_int(env, "KIZO_HASH_DUTY_PCT", d.hash_duty_pct, low=1, high=100),
+    )
 
 
 @dataclass(frozen=True)
@@ -192,7 +217,7 @@ class Config:
             janitor_metrics_port=_int(env, "KIZO_JANITOR_METRICS_PORT", 8201, low=0, high=65535),
             bank_timeout_s=_float(env, "KIZO_BANK_TIMEOUT_S", 5.0, low=0.05, high=120),
         )
-        auth = AuthConfig(pepper=_str(env, "KIZO_PEPPER", AuthConfig.pepper))
+        auth = _auth(env)
         per_minute = {"low": 1, "high": 1_000_000}
         limits = RateLimitConfig(
             enabled=_str(env, "KIZO_RATE_LIMITS", "on").lower() not in {"off", "0", "false", "no"},

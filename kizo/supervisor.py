@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import IO
 
 import asyncpg
 
@@ -69,11 +70,17 @@ async def prepare_database(url: str, currency: str) -> list[str]:
         await conn.close()
 
 
-def _start_child(child: Child, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_child(
+    child: Child, env: dict[str, str], log: IO[bytes] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``kizo <child.args>`` and wait (bounded) until it accepts connections; its output
+    goes to ``log`` when given, else to the terminal."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "kizo.cli", *child.args],
         env=env,
         stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
         start_new_session=True,  # the supervisor, not the terminal, decides when it stops
     )
     deadline = time.monotonic() + CHILD_START_TIMEOUT_S
@@ -86,10 +93,12 @@ def _start_child(child: Child, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _stop_children(procs: list[tuple[Child, subprocess.Popen[bytes]]]) -> None:
+def stop_children(
+    procs: list[tuple[Child, subprocess.Popen[bytes]]], say: Callable[[str], None] = _say
+) -> None:
     for child, proc in reversed(procs):
         if proc.poll() is None:
-            _say(f"stopping {child.name}")
+            say(f"stopping {child.name}")
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
@@ -113,13 +122,13 @@ def run_up(config: Config, *, exit_after_ready: bool = False) -> int:
     procs: list[tuple[Child, subprocess.Popen[bytes]]] = []
     with ExitStack() as stack:
         try:
-            config = _start_servers(config, stack)
+            config = start_servers(config, stack)
             applied = asyncio.run(prepare_database(config.pg_url(), config.ledger.currency))
             _say(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
             env = {**os.environ, "DATABASE_URL": config.pg_url(), "REDIS_URL": config.valkey_url()}
             for child in children(config):
                 _say(f"starting {child.name}")
-                procs.append((child, _start_child(child, env)))
+                procs.append((child, start_child(child, env)))
             _print_ready(config, [c for c, _ in procs])
             if exit_after_ready:
                 return 0
@@ -133,21 +142,23 @@ def run_up(config: Config, *, exit_after_ready: bool = False) -> int:
         finally:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            _stop_children(procs)
+            stop_children(procs)
             _say("stopping servers")
     return 0
 
 
-def _start_servers(config: Config, stack: ExitStack) -> Config:
+def start_servers(config: Config, stack: ExitStack, say: Callable[[str], None] = _say) -> Config:
+    """Start the embedded servers the config asks for (stopped when ``stack`` closes); returns
+    the config with their URLs."""
     if config.embedded_postgres:
         pg = EmbeddedPostgres(config.pg_data_dir, config.pg_port, fsync=config.pg_fsync)
-        _say(f"starting PostgreSQL (data in {pg.data_dir})")
+        say(f"starting PostgreSQL (data in {pg.data_dir})")
         pg.start()
         stack.callback(pg.stop)
         config = config.with_urls(pg.url(), config.redis_url)
     if config.embedded_redis:
         valkey = EmbeddedValkey(config.redis_data_dir, config.redis_port)
-        _say(f"starting Valkey (data in {valkey.data_dir})")
+        say(f"starting Valkey (data in {valkey.data_dir})")
         valkey.start()
         stack.callback(valkey.stop)
         config = config.with_urls(config.pg_url(), valkey.url())

@@ -1,0 +1,311 @@
+"""``kizo bench api``: the REST API of a whole scratch system (``kizo.system``), over HTTP.
+
+Method (one run, one machine; the load generator shares the cores with the system):
+1. setup, untimed: ``--users`` sign up, each deposits through the bank; all settle.
+2. throughput: ``--clients`` closed-loop clients send transfers between random users for
+   ``--seconds``, each with its own Idempotency-Key. Accepted payments/s and the latency of the
+   202s; then, once every accepted transfer is final, settled/s from the first request to the
+   last settlement; how many intents the API put in each SAQ enqueue (its /metrics); pgbench
+   tpcb-like on the same server afterwards, for the ratio.
+3. sign-in flood: payments at a fixed ``--rate``, open loop (latency counts from each request's
+   scheduled time, so a stall cannot hide), in alternating windows without and with a flood of
+   ``--flood`` concurrent sign-in loops using right passwords (each costs an Argon2id verify).
+   After a flood window a drain gap is not counted in either. Rate limits are off, so the flood
+   reaches Argon2: the case per-IP limits do not stop (a flood from many addresses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from kizo.bench_ledger import run_pgbench
+from kizo.httpload import LoadClient, Reply
+from kizo.system import System, scratch_system
+
+PASSWORD = "bench-password-1"  # noqa: S105 (the bench users' own, made up)
+DEPOSIT = 1_000_000
+SETUP_CONCURRENCY = 16
+SETTLE_WAIT_S_MAX = 180.0
+DRAIN_GAP_S = 1.5
+HTTP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ApiBenchParams:
+    users: int = 200
+    clients: int = 32
+    seconds: int = 10
+    rate: int = 100
+    flood: int = 16
+    windows: int = 8
+    window_seconds: int = 4
+    pgbench_seconds: int = 10
+    seed: int = 1
+
+
+@dataclass
+class User:
+    email: str
+    token: str
+    account_id: str = ""
+
+
+@dataclass
+class Tally:
+    latencies_ms: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+
+    def add(self, status: int, ms: float) -> None:
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if status == 202:
+            self.latencies_ms.append(ms)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+async def _signup(client: LoadClient, slots: asyncio.Semaphore) -> User:
+    async with slots:
+        email = f"bench-{uuid.uuid4().hex[:12]}@example.test"
+        r = _ok(await client.post(
+            "/api/v1/auth/signup", {"email": email, "password": PASSWORD, "name": "Bench"}
+        ))  # fmt: skip
+        user = User(email, r.json()["access_token"])
+        r = _ok(await client.get("/api/v1/accounts/me", _auth(user)))
+        user.account_id = r.json()["account_id"]
+        _ok(await client.post("/api/v1/payments/deposit", {"amount": DEPOSIT},
+                              {**_auth(user), "Idempotency-Key": f"fund-{email}"}))  # fmt: skip
+        return user
+
+
+def _ok(reply: Reply) -> Reply:
+    if not 200 <= reply.status < 300:
+        raise RuntimeError(f"setup request failed: {reply.status} {reply.body[:200]!r}")
+    return reply
+
+
+def _auth(user: User) -> dict[str, str]:
+    return {"Authorization": f"Bearer {user.token}"}
+
+
+async def _transfer(
+    client: LoadClient, users: Sequence[User], rng: random.Random
+) -> tuple[int, str | None]:
+    source, dest = rng.sample(users, 2)
+    r = await client.post(
+        "/api/v1/payments/transfer",
+        {"to": dest.account_id, "amount": rng.randint(1, 100)},
+        {**_auth(source), "Idempotency-Key": str(uuid.uuid4())},
+    )
+    return r.status, r.json().get("id") if r.status == 202 else None
+
+
+async def _wait_final(pool: asyncpg.Pool, started_wall: float) -> tuple[int, float]:
+    """Wait (bounded) until nothing created since ``started_wall`` is pending; returns how many
+    settled and the time of the last settlement."""
+    deadline = time.monotonic() + SETTLE_WAIT_S_MAX
+    since = "created_at >= to_timestamp($1)"
+    while await pool.fetchval(
+        f"SELECT count(*) FROM transactions WHERE {since} AND status IN ('pending','processing')",
+        started_wall,
+    ):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"payments not final after {SETTLE_WAIT_S_MAX}s: pipeline stuck")
+        await asyncio.sleep(0.1)
+    row = await pool.fetchrow(
+        "SELECT count(*) FILTER (WHERE status = 'settled') AS n,"
+        f" extract(epoch FROM max(settled_at)) AS last FROM transactions WHERE {since}",
+        started_wall,
+    )
+    assert row is not None
+    return int(row["n"]), float(row["last"] or started_wall)
+
+
+async def _throughput(
+    client: LoadClient, pool: asyncpg.Pool, users: Sequence[User], p: ApiBenchParams
+) -> dict[str, Any]:
+    tally = Tally()
+    rng = random.Random(p.seed)
+    started_wall, started = time.time(), time.monotonic()
+    stop_at = started + p.seconds
+
+    async def client_loop() -> None:
+        while time.monotonic() < stop_at:
+            t0 = time.monotonic()
+            status, _ = await _transfer(client, users, rng)
+            tally.add(status, (time.monotonic() - t0) * 1000)
+
+    await asyncio.gather(*(client_loop() for _ in range(p.clients)))
+    elapsed = time.monotonic() - started
+    settled, last = await _wait_final(pool, started_wall)
+    accepted = tally.statuses.get(202, 0)
+    return {
+        "accepted_per_s": round(accepted / elapsed, 1),
+        "latency_p50_ms": round(percentile(tally.latencies_ms, 0.5), 1),
+        "latency_p99_ms": round(percentile(tally.latencies_ms, 0.99), 1),
+        "statuses": {str(k): v for k, v in sorted(tally.statuses.items())},
+        "settled": settled,
+        "settled_per_s": round(settled / max(last - started_wall, 1e-9), 1),
+    }
+
+
+async def _flood_phase(
+    client: LoadClient, users: Sequence[User], p: ApiBenchParams
+) -> dict[str, Any]:
+    rng = random.Random(p.seed + 1)
+    phase = {"name": "gap"}
+    tallies = {"base": Tally(), "flood": Tally()}
+    signins: dict[int, int] = {}
+    flooding = asyncio.Event()
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async def payment(window: str, scheduled: float) -> None:
+        status, _ = await _transfer(client, users, rng)
+        if window in tallies:
+            tallies[window].add(status, (time.monotonic() - scheduled) * 1000)
+
+    async def payer(until: float) -> None:
+        interval = 1 / p.rate
+        n, started = 0, time.monotonic()
+        while (scheduled := started + n * interval) < until:
+            await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
+            task = asyncio.create_task(payment(phase["name"], scheduled))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            n += 1
+
+    async def flooder(k: int) -> None:
+        user = users[k % len(users)]
+        while flooding.is_set():
+            r = await client.post(
+                "/api/v1/auth/signin", {"email": user.email, "password": PASSWORD}
+            )
+            signins[r.status] = signins.get(r.status, 0) + 1
+
+    window = p.window_seconds
+    total = p.windows * (2 * window + DRAIN_GAP_S) + DRAIN_GAP_S
+    paying = asyncio.create_task(payer(time.monotonic() + total))
+    flood_s = 0.0
+    await asyncio.sleep(DRAIN_GAP_S)  # warm up, not counted
+    for _ in range(p.windows):
+        phase["name"] = "base"
+        await asyncio.sleep(window)
+        phase["name"] = "flood"
+        flooding.set()
+        flood_started = time.monotonic()
+        floods = [asyncio.create_task(flooder(k)) for k in range(p.flood)]
+        await asyncio.sleep(window)
+        flooding.clear()
+        phase["name"] = "gap"
+        await asyncio.gather(*floods)  # each finishes its sign-in in flight
+        flood_s += time.monotonic() - flood_started
+        await asyncio.sleep(DRAIN_GAP_S)
+    await paying
+    await asyncio.gather(*in_flight)
+    base, flood = tallies["base"], tallies["flood"]
+    base_p99 = percentile(base.latencies_ms, 0.99)
+    flood_p99 = percentile(flood.latencies_ms, 0.99)
+    return {
+        "rate_per_s": p.rate,
+        "base_payments": len(base.latencies_ms),
+        "base_p50_ms": round(percentile(base.latencies_ms, 0.5), 1),
+        "base_p99_ms": round(base_p99, 1),
+        "flood_payments": len(flood.latencies_ms),
+        "flood_p50_ms": round(percentile(flood.latencies_ms, 0.5), 1),
+        "flood_p99_ms": round(flood_p99, 1),
+        "flood_vs_base_p99": round(flood_p99 / base_p99, 2),
+        "payment_statuses": {
+            w: {str(k): v for k, v in sorted(t.statuses.items())} for w, t in tallies.items()
+        },
+        "signins_ok_per_s": round(signins.get(200, 0) / max(flood_s, 1e-9), 1),
+        "signin_statuses": {str(k): v for k, v in sorted(signins.items())},
+    }
+
+
+async def _coalescing(client: LoadClient) -> float:
+    """Intents per SAQ enqueue made by the API (its /metrics)."""
+    text = (await client.get("/metrics")).body.decode()
+    flushes = re.search(r"^kizo_api_enqueue_flushes_total ([0-9.e+]+)$", text, re.M)
+    intents = re.search(r"^kizo_api_enqueued_intents_total ([0-9.e+]+)$", text, re.M)
+    if flushes is None or intents is None:
+        raise RuntimeError("the API's /metrics lacks the enqueue counters")
+    return float(intents.group(1)) / max(float(flushes.group(1)), 1.0)
+
+
+async def _measure(system: System, p: ApiBenchParams) -> dict[str, Any]:
+    pool = await asyncpg.create_pool(system.database_url, min_size=1, max_size=2)
+    assert pool is not None
+    client = LoadClient(system.api_url, p.clients + p.flood + p.rate + 16, HTTP_TIMEOUT_S)
+    try:
+        slots = asyncio.Semaphore(SETUP_CONCURRENCY)
+        users = await asyncio.gather(*(_signup(client, slots) for _ in range(p.users)))
+        await _wait_final(pool, 0.0)
+        before = await _coalescing(client)
+        throughput = await _throughput(client, pool, users, p)
+        throughput["intents_per_enqueue"] = round(await _coalescing(client), 1)
+        throughput["intents_per_enqueue_setup"] = round(before, 1)
+        flood = await _flood_phase(client, users, p)
+        await _wait_final(pool, 0.0)
+        await pool.execute("CREATE DATABASE pgbench")
+    finally:
+        await client.aclose()
+        await pool.close()
+    tps = await asyncio.to_thread(
+        run_pgbench, system.config.host, system.config.pg_port, "pgbench", 4,
+        p.pgbench_seconds, 10,
+    )  # fmt: skip
+    throughput["pgbench_tps"] = round(tps, 1)
+    throughput["accepted_vs_pgbench"] = round(throughput["accepted_per_s"] / tps, 2)
+    throughput["settled_vs_pgbench"] = round(throughput["settled_per_s"] / tps, 2)
+    return {
+        "throughput": throughput,
+        "signin_flood": flood,
+        "params": {k: getattr(p, k) for k in p.__dataclass_fields__},
+    }
+
+
+def run(p: ApiBenchParams) -> dict[str, Any]:
+    from kizo import aio
+
+    overrides = {"KIZO_RATE_LIMITS": "off", "KIZO_JANITOR_INTERVAL_S": "30"}
+    with scratch_system(overrides) as system:
+        return aio.run(_measure(system, p))
+
+
+def table(report: dict[str, Any]) -> str:
+    t, f = report["throughput"], report["signin_flood"]
+    rows = [
+        ("accepted payments/s (202)", t["accepted_per_s"]),
+        ("  latency p50 / p99 ms", f"{t['latency_p50_ms']} / {t['latency_p99_ms']}"),
+        ("  statuses", t["statuses"]),
+        ("settled transfers/s", t["settled_per_s"]),
+        ("intents per SAQ enqueue", t["intents_per_enqueue"]),
+        ("pgbench tpcb-like TPS", t["pgbench_tps"]),
+        ("accepted / pgbench", t["accepted_vs_pgbench"]),
+        ("settled / pgbench", t["settled_vs_pgbench"]),
+        (
+            f"payments at {f['rate_per_s']}/s, p50/p99 ms",
+            f"{f['base_p50_ms']} / {f['base_p99_ms']}",
+        ),
+        ("  under sign-in flood", f"{f['flood_p50_ms']} / {f['flood_p99_ms']}"),
+        ("  flood p99 / base p99", f["flood_vs_base_p99"]),
+        ("sign-ins ok/s under flood", f["signins_ok_per_s"]),
+        ("  sign-in statuses", f["signin_statuses"]),
+        ("  payment statuses", f["payment_statuses"]),
+    ]
+    params = ", ".join(f"{k}={v}" for k, v in report["params"].items())
+    return "\n".join([f"kizo bench api ({params})"] + [f"  {k:<36} {v}" for k, v in rows])

@@ -1,0 +1,112 @@
+"""A whole Kizo system on scratch servers: the processes of ``kizo up`` (bank, workers, janitor,
+API) on an embedded PostgreSQL and Valkey of their own, on free ports, in a temporary home that
+is removed afterwards. Benchmarks and the bank workload run against it, so they measure the real
+thing and never touch the developer's ``.kizo`` data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kizo.config import Config
+from kizo.servers import free_port
+from kizo.supervisor import (
+    Child,
+    children,
+    prepare_database,
+    start_child,
+    start_servers,
+    stop_children,
+)
+
+LOG_TAIL_LINES = 15
+PORT_VARIABLES = (
+    "KIZO_PG_PORT",
+    "KIZO_REDIS_PORT",
+    "KIZO_API_PORT",
+    "KIZO_BANK_PORT",
+    "KIZO_JANITOR_METRICS_PORT",
+)
+PORT_VARIABLES = (
+    "KIZO_PG_PORT",
+    "KIZO_REDIS_PORT",
+    "KIZO_API_PORT",
+    "KIZO_BANK_PORT",
+    "KIZO_JANITOR_METRICS_PORT",
+)
+
+
+@dataclass(frozen=True)
+class System:
+    config: Config
+    env: dict[str, str]
+    api_url: str  # http://host:port, the REST API under /api/v1
+    bank_url: str
+    procs: list[tuple[Child, subprocess.Popen[bytes]]]
+
+    @property
+    def database_url(self) -> str:
+        return self.config.pg_url()
+
+    @property
+    def redis_url(self) -> str:
+        return self.config.valkey_url()
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+@contextmanager
+def scratch_system(overrides: Mapping[str, str] | None = None) -> Iterator[System]:
+    """Start the system; stop every process and server, and delete the data, on exit. KIZO_*
+    ``overrides`` tune it (shards, workers, rate limits…). If the body fails, the tail of each
+    process's log is printed to stderr."""
+    from kizo.cli import load_plugins
+
+    load_plugins()  # each component registers the processes it runs
+    with tempfile.TemporaryDirectory(prefix="kizo-system-") as home, ExitStack() as stack:
+        env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
+        env |= {
+            "KIZO_HOME": home,
+            **{name: str(free_port()) for name in PORT_VARIABLES},
+            **(overrides or {}),
+        }
+        config = start_servers(Config.from_env(env), stack, say=_quiet)
+        asyncio.run(prepare_database(config.pg_url(), config.ledger.currency))
+        env |= {"DATABASE_URL": config.pg_url(), "REDIS_URL": config.valkey_url()}
+        logs = Path(home) / "logs"
+        logs.mkdir()
+        procs: list[tuple[Child, subprocess.Popen[bytes]]] = []
+        stack.callback(stop_children, procs, _quiet)
+        for child in children(config):
+            log = stack.enter_context((logs / f"{child.name}.log").open("wb"))
+            procs.append((child, start_child(child, env, log)))
+        system = System(
+            config,
+            env,
+            f"http://{config.host}:{config.api_port}",
+            f"http://{config.host}:{config.bank_port}",
+            procs,
+        )
+        try:
+            yield system
+        except BaseException:
+            _print_log_tails(logs)
+            raise
+
+
+def _print_log_tails(logs: Path) -> None:
+    for path in sorted(logs.glob("*.log")):
+        lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        if lines:
+            print(f"--- {path.stem} (last {len(lines)} lines)", file=sys.stderr)
+            print("\n".join(lines), file=sys.stderr)
