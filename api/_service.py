@@ -115,7 +115,8 @@ async def _recipient(conn: Conn, to: str) -> tuple[uuid.UUID, str]:
 
 
 async def pay(pool: asyncpg.Pool, user: User, key: str, path: str, kind: str,
-              body: dict[str, Any], currency: str, amount_max_minor: int) -> Stored:  # fmt: skip
+              body: dict[str, Any], currency: str, amount_max_minor: int,
+              record_key: bool = True) -> Stored:  # fmt: skip
     """The intent and its idempotency record in one transaction, the record written last: if
     the key is taken (an earlier request, or a concurrent one still in flight, whose commit
     the insert waits for, at most the pool's lock_timeout), the whole transaction rolls back,
@@ -127,6 +128,8 @@ async def pay(pool: asyncpg.Pool, user: User, key: str, path: str, kind: str,
                 txn, counterparty = await _create(conn, user, kind, body, currency,
                                                   amount_max_minor)  # fmt: skip
                 response = render(txn, user, counterparty)
+                if not record_key:  # the "idempotency_off" mutation: a broken build
+                    return Stored(202, response, False, txn)
                 await conn.execute(
                     "INSERT INTO idempotency_keys (scope, key, request_hash, state, status_code,"
                     " response_body, transaction_id) VALUES ($1, $2, $3, 'done', 202, $4, $5)",

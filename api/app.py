@@ -98,6 +98,12 @@ def create_app(config: Config | None = None) -> Quart:
         pool = await create_pool(config.pg_url(), min_size=2, max_size=10, command_timeout=10,
                                  server_settings=lock_timeout)  # fmt: skip
         await ensure_key(pool)
+        if config.mutation:
+            log.warning(
+                "MUTATION_ACTIVE",
+                mutation=config.mutation,
+                meaning="a broken build, on purpose, to test the chaos checker",
+            )
         redis = Redis.from_url(config.valkey_url(), socket_timeout=2, socket_connect_timeout=2,
                                max_connections=200)  # fmt: skip
         registry = CollectorRegistry()
@@ -250,6 +256,7 @@ def create_app(config: Config | None = None) -> Quart:
             body,
             s.config.ledger.currency,
             s.config.ledger.amount_max_minor,
+            record_key=s.config.mutation != "idempotency_off",
         )
         if stored.txn is not None:
             await _enqueue(s, stored.txn)

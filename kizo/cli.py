@@ -105,6 +105,7 @@ PLUGIN_MODULES: list[str] = [
     "actors.cli",
     "actors.janitor_cli",
     "api.cli",
+    "chaos.cli",
 ]
 
 

@@ -17,6 +17,19 @@ class ConfigError(ValueError):
     """An environment variable holds a value Kizo cannot use."""
 
 
+# "idempotency_off": payments store no idempotency record, so a retried request pays again.
+MUTATIONS = ("", "idempotency_off")
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
+    raw = env.get(name, "")
+    if raw not in allowed:
+        raise ConfigError(
+            f"{name} must be one of {', '.join(a for a in allowed if a)}, got {raw!r}"
+        )
+    return raw
+
+
 def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -158,6 +171,9 @@ class Config:
     proxy_api_port: int = 8474
     workers: int = 1
     pg_fsync: bool = True
+    # A deliberately broken build, for showing that the chaos checker catches one. Never set
+    # in production; every process that honours it says so loudly at start.
+    mutation: str = ""
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -246,4 +262,5 @@ class Config:
             pipeline=pipeline,
             auth=auth,
             limits=limits,
+            mutation=_choice(env, "KIZO_MUTATION", MUTATIONS),
         )
