@@ -1,8 +1,9 @@
 """Passwords (Argon2id + pepper, off the event loop), access JWTs (key ring), refresh tokens.
 
 - The pepper is mixed in with HMAC-SHA256 before Argon2id, so a stolen database alone does not
-  allow offline guessing. Hashing runs in a bounded thread pool; when its queue is full the
-  request is turned away at once (503 + Retry-After) instead of stalling every other request.
+  allow offline guessing. Hashing runs in low-priority, paced processes (api/_hashing.py) with a
+  bounded queue; when it is full the request is turned away at once (503 + Retry-After) instead
+  of stalling every other request.
 - Access tokens: HS256 JWTs with ``kid``; the newest key signs, the newest two verify.
 - Refresh tokens: opaque, stored hashed in Redis with a family id, rotated on every use; a reused
   (already rotated) token revokes its whole family.
@@ -15,113 +16,111 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import os
 import secrets
-import threading
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 import asyncpg
 import jwt
 from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from redis.asyncio import Redis
 
+from api._hashing import HashingUnavailable, HashWorker
 from api._problems import Problem
 from kizo.config import AuthConfig
 
 JWT_ALGORITHM = "HS256"
 VERIFYING_KEYS = 2
 HASH_WAITING_MAX = 64
-T = TypeVar("T")
+HOLD_MAX_S = 0.5  # the longest one hash waits, in all, for a moment without payments
 _REFRESH_PREFIX = "kizo:refresh:"
 _FAMILY_PREFIX = "kizo:refresh-family:"
 
 
-# Argon2 is meant to be expensive; payments must not pay for it. Two measures, both measured
-# with `kizo bench api` (docs/benchmarks.md):
-# - Hashing threads run under Linux's SCHED_IDLE policy (set per thread): they get a core only
-#   when nothing else wants it. Elsewhere (or if refused) they keep the default policy.
-# - Each hashing thread is paced to a duty cycle (AuthConfig.hash_duty_pct): after a hash that
-#   took t, its next hash starts no sooner than t * (100 - duty) / duty later. A core that
-#   hashes flat out slows the other one (shared caches and memory bandwidth, and on a VM
-#   possibly a shared physical core), which no scheduling policy inside the guest prevents.
-#   Sign-ins beyond the paced rate wait in the bounded queue, then get a fast 503.
-
-
-def _yield_cpu() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-
-
-class _Pacer:
-    """Per hashing thread: when it may start its next hash."""
-
-    def __init__(self, duty_pct: int) -> None:
-        assert 1 <= duty_pct <= 100
-        self.rest_per_busy = (100 - duty_pct) / duty_pct
-        self.local = threading.local()
-
-    def run(self, fn: Callable[..., T], *args: object) -> T:
-        wait_s = getattr(self.local, "next_start", 0.0) - time.monotonic()
-        if wait_s > 0:
-            time.sleep(wait_s)
-        started = time.monotonic()
-        try:
-            return fn(*args)
-        finally:
-            ended = time.monotonic()
-            self.local.next_start = ended + (ended - started) * self.rest_per_busy
-
-
 class Passwords:
+    """Argon2id over HMAC-SHA256(pepper, password), in hashing processes (api/_hashing.py)."""
+
     def __init__(self, config: AuthConfig) -> None:
         self._pepper = config.pepper.encode()
-        self._hasher = PasswordHasher(
-            time_cost=config.argon2_time_cost,
-            memory_cost=config.argon2_memory_kib,
-            parallelism=config.argon2_parallelism,
-        )
-        self._pool = ThreadPoolExecutor(
-            config.hash_threads_max, thread_name_prefix="argon2", initializer=_yield_cpu
-        )
-        self._pacer = _Pacer(config.hash_duty_pct)
-        self._slots = asyncio.Semaphore(config.hash_threads_max + HASH_WAITING_MAX)
+        args = (config.argon2_memory_kib, config.argon2_time_cost, config.argon2_parallelism)
+        self._holding = 0  # requests in flight that outrank hashing
+        self._workers = [HashWorker(*args, config.hash_duty_pct, self._held, HOLD_MAX_S)
+                         for _ in range(config.hash_processes)]  # fmt: skip
+        self._idle: asyncio.Queue[HashWorker] = asyncio.Queue()
+        for worker in self._workers:
+            self._idle.put_nowait(worker)
+        self._slots = asyncio.Semaphore(config.hash_processes + HASH_WAITING_MAX)
         # Verified against when the email is unknown: the same work, so no enumeration by timing.
-        self._dummy = self._hasher.hash(self._peppered("not-a-password"))
+        dummy = PasswordHasher(time_cost=args[1], memory_cost=args[0], parallelism=args[2])
+        self._dummy = dummy.hash(self._peppered("not-a-password"))
 
-    def _peppered(self, password: str) -> bytes:
-        return base64.b64encode(hmac.new(self._pepper, password.encode(), "sha256").digest())
+    def _peppered(self, password: str) -> str:
+        return base64.b64encode(
+            hmac.new(self._pepper, password.encode(), "sha256").digest()
+        ).decode()
 
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+    async def _exchange(self, request: str) -> str:
+        worker = await self._idle.get()
+        try:
+            return await worker.call(request)
+        finally:
+            self._idle.put_nowait(worker)
+
+    async def _run(self, request: str) -> str:
+        busy = Problem(503, "Busy", "too many sign-ins at once, retry shortly",
+                       headers={"Retry-After": "1"})  # fmt: skip
         if self._slots.locked():
-            raise Problem(503, "Busy", "too many sign-ins at once, retry shortly",
-                          headers={"Retry-After": "1"})  # fmt: skip
+            raise busy
         async with self._slots:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, self._pacer.run, fn, *args)
+            # Shielded: a request cancelled mid-hash (the client went away) must not leave a
+            # worker with an unread answer; the exchange finishes and returns the worker.
+            exchange = asyncio.ensure_future(self._exchange(request))
+            exchange.add_done_callback(_observed)
+            try:
+                return await asyncio.shield(exchange)
+            except HashingUnavailable:
+                raise busy from None
+
+    def _held(self) -> bool:
+        return self._holding > 0
+
+    @contextlib.contextmanager
+    def held_off(self) -> Iterator[None]:
+        """Around a request that outranks hashing (a payment): running hashes pause meanwhile."""
+        self._holding += 1
+        if self._holding == 1:
+            for worker in self._workers:
+                worker.pause()
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if self._holding == 0:
+                for worker in self._workers:
+                    worker.resume()
+
+    async def warm_up(self) -> None:
+        """Start the hashing processes now rather than at the first sign-in."""
+        await asyncio.gather(*(w.start() for w in self._workers))
 
     async def hash(self, password: str) -> str:
-        result = await self._run(self._hasher.hash, self._peppered(password))
-        assert isinstance(result, str)
-        return result
+        return await self._run(f"h\t{self._peppered(password)}")
 
     async def verify(self, stored: str | None, password: str) -> bool:
-        def check() -> bool:
-            try:
-                return self._hasher.verify(stored or self._dummy, self._peppered(password))
-            except (VerificationError, InvalidHashError):
-                return False
+        if stored is not None and ("\t" in stored or "\n" in stored):
+            stored = None  # not an Argon2 hash: verify the dummy, and fail
+        ok = await self._run(f"v\t{stored or self._dummy}\t{self._peppered(password)}")
+        return ok == "1" and stored is not None
 
-        ok = await self._run(check)
-        return bool(ok) and stored is not None
+    async def aclose(self) -> None:
+        await asyncio.gather(*(w.stop() for w in self._workers))
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+
+def _observed(task: asyncio.Future[str]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so an abandoned failure is not logged as unhandled
 
 
 @dataclass(frozen=True)

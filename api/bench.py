@@ -178,10 +178,14 @@ async def _flood_phase(
         if window in tallies:
             tallies[window].add(status, (time.monotonic() - scheduled) * 1000)
 
+    paying = asyncio.Event()
+    paying.set()
+
     async def payer(until: float) -> None:
+        # Until the windows are over (bounded by ``until`` all the same).
         interval = 1 / p.rate
         n, started = 0, time.monotonic()
-        while (scheduled := started + n * interval) < until:
+        while paying.is_set() and (scheduled := started + n * interval) < until:
             await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
             task = asyncio.create_task(payment(phase["name"], scheduled))
             in_flight.add(task)
@@ -197,8 +201,8 @@ async def _flood_phase(
             signins[r.status] = signins.get(r.status, 0) + 1
 
     window = p.window_seconds
-    total = p.windows * (2 * window + DRAIN_GAP_S) + DRAIN_GAP_S
-    paying = asyncio.create_task(payer(time.monotonic() + total))
+    bound = p.windows * (2 * window + DRAIN_GAP_S + HTTP_TIMEOUT_S) + DRAIN_GAP_S
+    payments = asyncio.create_task(payer(time.monotonic() + bound))
     flood_s = 0.0
     await asyncio.sleep(DRAIN_GAP_S)  # warm up, not counted
     for _ in range(p.windows):
@@ -214,7 +218,8 @@ async def _flood_phase(
         await asyncio.gather(*floods)  # each finishes its sign-in in flight
         flood_s += time.monotonic() - flood_started
         await asyncio.sleep(DRAIN_GAP_S)
-    await paying
+    paying.clear()
+    await payments
     await asyncio.gather(*in_flight)
     base, flood = tallies["base"], tallies["flood"]
     base_p99 = percentile(base.latencies_ms, 0.99)

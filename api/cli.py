@@ -78,7 +78,7 @@ def _admin(config: Config, args: argparse.Namespace) -> int:
                 pool, args.email, args.name, await passwords.hash(password), config.ledger.currency
             )
         finally:
-            passwords.close()
+            await passwords.aclose()
             await pool.close()
 
     try:

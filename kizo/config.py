@@ -113,7 +113,7 @@ class AuthConfig:
     argon2_memory_kib: int = 19 * 1024
     argon2_time_cost: int = 2
     argon2_parallelism: int = 1
-    hash_threads_max: int = 1
+    hash_processes: int = 1
     hash_duty_pct: int = 25
     access_ttl_s: int = 900
     refresh_ttl_s: int = 30 * 24 * 3600
@@ -138,7 +138,7 @@ def _auth(env: Mapping[str, str]) -> AuthConfig:
         pepper=_str(env, "KIZO_PEPPER", d.pepper),
         argon2_memory_kib=memory_kib,
         argon2_time_cost=time_cost,
-        hash_threads_max=_int(env, "KIZO_HASH_THREADS", d.hash_threads_max, low=1, high=64),
+        hash_processes=_int(env, "KIZO_HASH_PROCESSES", d.hash_processes, low=1, high=64),
         hash_duty_pct=_int(env, "KIZO_HASH_DUTY_PCT", d.hash_duty_pct, low=1, high=100),
     )
 

@@ -187,11 +187,31 @@ async def test_transfers_recipients_and_privacy(client: Client) -> None:
         client, alice, "transfer", {"to": alice["user"]["email"], "amount": 5}, "t4"
     )
     assert (unknown.status_code, self_pay.status_code) == (422, 422)
+    assert (await unknown.get_json())["title"] == "Unknown recipient"
     seen_by_bob = await client.get(f"/api/v1/transactions/{txn['id']}", headers=_auth(bob))
     assert (await seen_by_bob.get_json())["direction"] == "in"
     carol = await _signup(client)
     hidden = await client.get(f"/api/v1/transactions/{txn['id']}", headers=_auth(carol))
     assert hidden.status_code == 404
+
+
+@pytest.mark.asyncio
+async def test_system_accounts_are_no_transfer_recipients(client: Client, db_url: str) -> None:
+    tokens = await _signup(client)
+    await _pay(client, tokens, "deposit", {"amount": 50}, "fund")
+    conn = await asyncpg.connect(db_url)
+    try:
+        system_ids = [str(r["id"]) for r in await conn.fetch(
+            "SELECT id FROM accounts WHERE kind = 'system'")]  # fmt: skip
+        keys_before = await conn.fetchval("SELECT count(*) FROM idempotency_keys")
+        assert system_ids
+        for n, account in enumerate(system_ids):
+            refused = await _pay(client, tokens, "transfer", {"to": account, "amount": 5}, f"s{n}")
+            assert refused.status_code == 422
+            assert refused.headers["Content-Type"] == "application/problem+json"
+        assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == keys_before
+    finally:
+        await conn.close()
 
 
 @pytest.mark.asyncio
@@ -203,7 +223,7 @@ async def test_history_pages_newest_first_with_a_cursor(client: Client) -> None:
         ids.append((await response.get_json())["id"])
     seen: list[str] = []
     cursor = None
-    for _ in range(10):
+    for step in range(10):
         query = "?limit=2" + (f"&cursor={cursor}" if cursor else "")
         page = await (
             await client.get(f"/api/v1/transactions{query}", headers=_auth(tokens))
@@ -212,6 +232,9 @@ async def test_history_pages_newest_first_with_a_cursor(client: Client) -> None:
         cursor = page["next_cursor"]
         if cursor is None:
             break
+        # Payments made while the client pages: they are newer than the cursor, so the
+        # remaining pages neither repeat nor skip anything.
+        await _pay(client, tokens, "deposit", {"amount": 100 + step}, f"during{step}")
     assert seen == ids[::-1]
     for query in ("?limit=0", "?limit=201", "?limit=x", "?cursor=garbage"):
         response = await client.get(f"/api/v1/transactions{query}", headers=_auth(tokens))
