@@ -96,6 +96,9 @@ def _text(report: dict[str, Any]) -> str:
     ]
     lines += [f"    {k:<28} {n}" for k, n in report["by_kind_and_status"].items()]
     lines.append(f"  violations        {report['violations']}")
+    lines += [f"    {rule:<28} {n}" for rule, n in sorted(report["violation_rules"].items())]
+    if report["violations_shown"]:
+        lines.append(f"  first {len(report['violations_shown'])}:")
     lines += [f"    {v}" for v in report["violations_shown"]]
     return "\n".join(lines)
 
