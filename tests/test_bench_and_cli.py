@@ -40,6 +40,25 @@ async def test_bench_ledger_measures_both_workloads_and_pgbench(servers: ServerS
     assert report["params"]["transfers"] == 600
 
 
+def test_bench_api_compares_payment_latency_with_and_without_a_signin_flood() -> None:
+    """The comparison's machinery on a small run; no figure is judged here (benchmarks print
+    them, docs/benchmarks.md)."""
+    from api.bench import ApiBenchParams, run
+
+    params = ApiBenchParams(users=6, clients=4, seconds=1, rate=40, flood=3, windows=2,
+                            window_seconds=1, pgbench_seconds=1)  # fmt: skip
+    report = run(params)
+    t, f = report["throughput"], report["signin_flood"]
+    accepted = t["statuses"].get("202", 0)
+    assert t["statuses"] == {"202": accepted} and t["settled"] == accepted > 0
+    assert set(f["payment_statuses"]["base"]) == set(f["payment_statuses"]["flood"]) == {"202"}
+    assert f["base_payments"] > 0 and f["flood_payments"] > 0
+    # The ratio is of the unrounded p99s; the printed p99s are rounded to 0.1 ms.
+    assert f["flood_vs_base_p99"] == pytest.approx(f["flood_p99_ms"] / f["base_p99_ms"], abs=0.03)
+    assert f["signin_statuses"].get("200", 0) > 0
+    assert set(f["signin_statuses"]) <= {"200", "503"}
+
+
 def _kizo(
     *args: str, env: dict[str, str] | None = None, timeout_s: float = 60
 ) -> subprocess.CompletedProcess[str]:
@@ -61,6 +80,9 @@ def _kizo(
         (["migrate"], {"KIZO_SHARDS": "many"}, "KIZO_SHARDS must be an integer"),
         (["migrate"], {"KIZO_CURRENCY": "dollars"}, "KIZO_CURRENCY"),
         (["no-such-command"], {}, "invalid choice"),
+        (["chaos", "bank", "--users", "1"], {}, "--users must be between 2"),
+        (["chaos", "bank", "--mutation", "everything"], {}, "invalid choice"),
+        (["bench", "api", "--flood", "0"], {}, "--flood"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
