@@ -12,31 +12,18 @@ import time
 from collections import Counter
 from typing import Any
 
-from kizo.cli import Command, UsageError, register
+from kizo.cli import Command, bounded_int, register
 from kizo.config import MUTATIONS, Config
 
 VIOLATIONS_SHOWN_MAX = 20
 
 
-def _bounded(low: int, high: int, flag: str) -> Any:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes an integer, got {raw!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{flag} must be between {low} and {high}")
-        return value
-
-    return parse
-
-
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("workload", choices=["bank"], help="what to run")
-    parser.add_argument("--seed", type=_bounded(0, 2**31, "--seed"), default=1)
-    parser.add_argument("--users", type=_bounded(2, 500, "--users"), default=12)
-    parser.add_argument("--processes", type=_bounded(1, 64, "--processes"), default=8)
-    parser.add_argument("--ops", type=_bounded(1, 10_000, "--ops"), default=120,
+    parser.add_argument("--seed", type=bounded_int(0, 2**31), default=1)
+    parser.add_argument("--users", type=bounded_int(2, 500), default=12)
+    parser.add_argument("--processes", type=bounded_int(1, 64), default=8)
+    parser.add_argument("--ops", type=bounded_int(1, 10_000), default=120,
                         help="operations per process")  # fmt: skip
     parser.add_argument("--mutation", choices=[m for m in MUTATIONS if m], default="",
                         help="run a deliberately broken build")  # fmt: skip
@@ -50,8 +37,6 @@ def _chaos(_config: Config, args: argparse.Namespace) -> int:
     from chaos.checker import check
     from kizo.system import scratch_system
 
-    if args.users < 2:
-        raise UsageError("--users must be at least 2")
     params = workload.WorkloadParams(users=args.users, processes=args.processes,
                                      ops_per_process=args.ops, seed=args.seed)  # fmt: skip
     overrides = {"KIZO_RATE_LIMITS": "off", "KIZO_JANITOR_INTERVAL_S": "1"}

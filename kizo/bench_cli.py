@@ -6,48 +6,37 @@ import argparse
 import json
 from typing import Any
 
-from kizo.cli import Command, UsageError, register
+from kizo.cli import Command, UsageError, bounded_int, register
 from kizo.config import Config
-
-
-def _bounded(low: int, high: int) -> type[int]:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
-        return value
-
-    return parse  # type: ignore[return-value]
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=["ledger", "pipeline", "api"], help="what to measure")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--transfers", type=_bounded(100, 2_000_000), help="default 40k / 20k")
-    parser.add_argument("--accounts", type=_bounded(10, 1_000_000), help="default 20k / 5k")
-    parser.add_argument("--batch-size", type=_bounded(1, 5000), default=200)
-    parser.add_argument("--clients", type=_bounded(1, 64), default=4)
-    parser.add_argument("--pgbench-seconds", type=_bounded(1, 600), default=10)
+    parser.add_argument("--transfers", type=bounded_int(100, 2_000_000), help="default 40k / 20k")
+    parser.add_argument("--accounts", type=bounded_int(10, 1_000_000), help="default 20k / 5k")
+    parser.add_argument("--batch-size", type=bounded_int(1, 5000), default=200)
+    parser.add_argument("--clients", type=bounded_int(1, 64), default=4)
+    parser.add_argument("--pgbench-seconds", type=bounded_int(1, 600), default=10)
     parser.add_argument("--seed", type=int, default=1)
     pipeline = parser.add_argument_group("pipeline")
-    pipeline.add_argument("--workers", type=_bounded(1, 16), default=2)
-    pipeline.add_argument("--lag-seconds", type=_bounded(1, 600), default=10)
+    pipeline.add_argument("--workers", type=bounded_int(1, 16), default=2)
+    pipeline.add_argument("--lag-seconds", type=bounded_int(1, 600), default=10)
     pipeline.add_argument(
         "--rate-share",
-        type=_bounded(1, 100),
+        type=bounded_int(1, 100),
         default=60,
         help="offered rate for the lag run, in %% of measured capacity",
     )
     api = parser.add_argument_group("api")
-    api.add_argument("--users", type=_bounded(2, 10_000), default=200)
-    api.add_argument("--seconds", type=_bounded(1, 600), default=10, help="throughput run")
-    api.add_argument("--rate", type=_bounded(1, 5_000), default=100, help="payments/s, flood run")
-    api.add_argument("--flood", type=_bounded(1, 512), default=16, help="sign-in loops")
-    api.add_argument("--windows", type=_bounded(1, 40), default=8, help="pairs of windows")
-    api.add_argument("--window-seconds", type=_bounded(1, 120), default=4)
+    api.add_argument("--users", type=bounded_int(2, 10_000), default=200)
+    api.add_argument("--seconds", type=bounded_int(1, 600), default=10, help="throughput run")
+    api.add_argument(
+        "--rate", type=bounded_int(1, 5_000), default=100, help="payments/s, flood run"
+    )
+    api.add_argument("--flood", type=bounded_int(1, 512), default=16, help="sign-in loops")
+    api.add_argument("--windows", type=bounded_int(1, 40), default=8, help="pairs of windows")
+    api.add_argument("--window-seconds", type=bounded_int(1, 120), default=4)
 
 
 def _bench(config: Config, args: argparse.Namespace) -> int:

@@ -80,7 +80,7 @@ def _kizo(
         (["migrate"], {"KIZO_SHARDS": "many"}, "KIZO_SHARDS must be an integer"),
         (["migrate"], {"KIZO_CURRENCY": "dollars"}, "KIZO_CURRENCY"),
         (["no-such-command"], {}, "invalid choice"),
-        (["chaos", "bank", "--users", "1"], {}, "--users must be between 2"),
+        (["chaos", "bank", "--users", "1"], {}, "argument --users: must be between 2 and 500"),
         (["chaos", "bank", "--mutation", "everything"], {}, "invalid choice"),
         (["bench", "api", "--flood", "0"], {}, "--flood"),
     ],
