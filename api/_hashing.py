@@ -60,10 +60,13 @@ class HashWorker:
         self.busy = False
 
     async def _start(self) -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "api._hashing", *self._argv,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "api._hashing", *self._argv,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+        except OSError as exc:  # out of processes or file descriptors: a 503, not a 500
+            raise HashingUnavailable(f"the hashing process could not start: {exc}") from exc
         assert proc.stdout is not None
         if await proc.stdout.readline() != READY:
             await _end(proc)

@@ -26,6 +26,7 @@ from actors.routing import Coalescer, QueueSet, Routed, actor_account
 from api import _service as svc
 from api._auth import Claims, KeyRing, Passwords, RefreshTokens, ensure_key
 from api._edges import cors, install, ip_key
+from api._hashing import HashingUnavailable
 from api._models import Amount, RefreshBody, Signin, Signup, TransferBody
 from api._openapi import DOCS_PAGE, document
 from api._problems import Problem, from_ledger
@@ -110,7 +111,10 @@ def create_app(config: Config | None = None) -> Quart:
         coalescer = Coalescer(QueueSet(redis, config.pipeline.shards))
         registry.register(_CoalescerCollector(coalescer))
         passwords = Passwords(config.auth)
-        await passwords.warm_up()
+        try:
+            await passwords.warm_up()
+        except HashingUnavailable as exc:  # payments need no hashing: serve, retry at sign-in
+            log.warning("HASHING_UNAVAILABLE", error=str(exc))
         holder["state"] = State(
             config, pool, redis, coalescer, asyncio.create_task(coalescer.run()),
             passwords,
