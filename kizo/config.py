@@ -169,6 +169,7 @@ class Config:
     api_port: int = 8000
     bank_port: int = 8100
     proxy_api_port: int = 8474
+    proxy_file: str = ""  # the fault proxy's proxies: "" the shipped file, "none" no proxies
     workers: int = 1
     pg_fsync: bool = True
     # A deliberately broken build, for showing that the chaos checker catches one. Never set
@@ -256,6 +257,7 @@ class Config:
             api_port=_int(env, "KIZO_API_PORT", 8000, low=1, high=65535),
             bank_port=_int(env, "KIZO_BANK_PORT", 8100, low=1, high=65535),
             proxy_api_port=_int(env, "KIZO_PROXY_API_PORT", 8474, low=1, high=65535),
+            proxy_file=_str(env, "KIZO_PROXY_FILE", ""),
             workers=_int(env, "KIZO_WORKERS", 1, low=1, high=64),
             pg_fsync=_str(env, "KIZO_PG_FSYNC", "on").lower() not in {"off", "0", "false", "no"},
             ledger=ledger,

@@ -34,13 +34,7 @@ PORT_VARIABLES = (
     "KIZO_API_PORT",
     "KIZO_BANK_PORT",
     "KIZO_JANITOR_METRICS_PORT",
-)
-PORT_VARIABLES = (
-    "KIZO_PG_PORT",
-    "KIZO_REDIS_PORT",
-    "KIZO_API_PORT",
-    "KIZO_BANK_PORT",
-    "KIZO_JANITOR_METRICS_PORT",
+    "KIZO_PROXY_API_PORT",
 )
 
 
@@ -78,6 +72,7 @@ def scratch_system(overrides: Mapping[str, str] | None = None) -> Iterator[Syste
         env |= {
             "KIZO_HOME": home,
             **{name: str(free_port()) for name in PORT_VARIABLES},
+            "KIZO_PROXY_FILE": "none",  # its proxies' fixed ports could clash; add them by API
             **(overrides or {}),
         }
         config = start_servers(Config.from_env(env), stack, say=_quiet)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import redis
 
 from kizo.bench_ledger import LedgerBenchParams, bench_on_server
 from kizo.servers import free_port
@@ -83,6 +85,8 @@ def _kizo(
         (["chaos", "bank", "--users", "1"], {}, "argument --users: must be between 2 and 500"),
         (["chaos", "bank", "--mutation", "everything"], {}, "invalid choice"),
         (["bench", "api", "--flood", "0"], {}, "--flood"),
+        (["proxy"], {"KIZO_PROXY_FILE": "/nonexistent/proxies.json"}, "cannot read"),
+        (["proxy"], {"KIZO_PROXY_FILE": str(ROOT / "pyproject.toml")}, "cannot read"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -99,6 +103,20 @@ def _descendants_alive(pid: int) -> list[psutil.Process]:
         return [p for p in psutil.Process(pid).children(recursive=True) if p.is_running()]
     except psutil.NoSuchProcess:
         return []
+
+
+def _valkey_answers_through_the_fault_proxy(env: dict[str, str]) -> None:
+    """``kizo up``'s fault proxy serves the file's proxies, upstreams set to this system."""
+    proxies = httpx.get(f"http://127.0.0.1:{env['KIZO_PROXY_API_PORT']}/proxies").json()
+    assert sorted(proxies) == ["bank", "postgres", "redis"]
+    assert proxies["redis"]["upstream"] == f"127.0.0.1:{env['KIZO_REDIS_PORT']}"
+    assert proxies["postgres"]["upstream"] == f"127.0.0.1:{env['KIZO_PG_PORT']}"
+    port = int(proxies["redis"]["listen"].rsplit(":", 1)[1])
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    try:
+        assert client.ping() is True
+    finally:
+        client.close()
 
 
 def _deposit_settles_end_to_end(api: str) -> None:
@@ -126,6 +144,11 @@ def _deposit_settles_end_to_end(api: str) -> None:
 
 def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
     home = tempfile.mkdtemp(prefix="kizo-up-")
+    shipped = json.loads((ROOT / "toxiproxy" / "toxiproxy.json").read_text())
+    proxy_file = Path(home) / "proxies.json"  # the shipped proxies on free ports
+    proxy_file.write_text(
+        json.dumps([{**p, "listen": f"127.0.0.1:{free_port()}"} for p in shipped])
+    )
     env = {
         **os.environ,
         "KIZO_HOME": home,
@@ -134,6 +157,8 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         "KIZO_API_PORT": str(free_port()),
         "KIZO_BANK_PORT": str(free_port()),
         "KIZO_JANITOR_METRICS_PORT": str(free_port()),
+        "KIZO_PROXY_API_PORT": str(free_port()),
+        "KIZO_PROXY_FILE": str(proxy_file),
         "KIZO_PG_FSYNC": "off",
     }
     env.pop("DATABASE_URL", None)
@@ -161,9 +186,10 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         output = "".join(lines)
         assert "ready" in output, output
         assert "PostgreSQL  postgresql://" in output
-        for child in ("bank", "worker-0", "janitor", "api"):
+        for child in ("proxy", "bank", "worker-0", "janitor", "api"):
             assert f"starting {child}" in output
         _deposit_settles_end_to_end(f"http://127.0.0.1:{env['KIZO_API_PORT']}")
+        _valkey_answers_through_the_fault_proxy(env)
         servers = _descendants_alive(proc.pid)
         names = " ".join(p.name() for p in servers)
         assert "postgres" in names

@@ -1,0 +1,1 @@
+"""The fault proxy: Toxiproxy's HTTP API and toxics, on trio."""
