@@ -8,7 +8,7 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test install lint typecheck unit
+.PHONY: run test install lint typecheck unit chaos
 
 run: install
 	$(VENV)/bin/kizo up
@@ -30,3 +30,7 @@ typecheck:
 
 unit:
 	$(VENV)/bin/pytest
+
+# The fault-injection job (not part of `make test`, which runs two scenarios itself).
+chaos:
+	.ci/chaos

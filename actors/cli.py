@@ -40,7 +40,7 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
     spec = WorkerSpec(
         config.pg_url(),
         config.valkey_url(),
-        f"http://{config.host}:{config.bank_port}",
+        config.bank_url(),
         _shards(config, args),
     )
     aio.run(main(config, spec))

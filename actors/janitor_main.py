@@ -41,7 +41,7 @@ async def main(config: Config, *, once: bool) -> int:
     assert pool is not None
     redis = Redis.from_url(config.valkey_url(), socket_timeout=5, socket_connect_timeout=2)
     bank = BankClient(
-        f"http://{config.host}:{config.bank_port}",
+        config.bank_url(),
         timeout_s=p.bank_timeout_s,
         retries_max=p.bank_retries_max,
     )

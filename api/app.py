@@ -36,6 +36,17 @@ from kizo.db import create_pool
 from kizo.migrate import pending_migrations
 
 log = structlog.get_logger("kizo.api")
+# A lost or refused connection to PostgreSQL or Redis, or a query past its timeout.
+BACKEND_LOST: tuple[type[Exception], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
 BODY_MAX_BYTES = 64 * 1024
 KEYRING_TTL_S = 5.0
 M = TypeVar("M", bound=BaseModel)
@@ -157,6 +168,18 @@ def create_app(config: Config | None = None) -> Quart:
     async def lock_wait(_exc: asyncpg.LockNotAvailableError) -> Response:
         return Problem(503, "Busy", "the request waited too long for a lock; nothing was changed",
                        headers={"Retry-After": "1"}).response()  # fmt: skip
+
+    async def unavailable(exc: Exception) -> Response:
+        # The connection died mid-request: a payment's commit may or may not have landed, so
+        # the client is told to retry with the same key, which replays it if it did.
+        log.warning("backend_unavailable", error=repr(exc), request_id=g.get("request_id"))
+        return Problem(503, "Service unavailable",
+                       "a backing service did not answer; a payment may or may not have been "
+                       "recorded: retry with the same Idempotency-Key",
+                       headers={"Retry-After": "1"}).response()  # fmt: skip
+
+    for lost in BACKEND_LOST:
+        app.register_error_handler(lost, unavailable)
 
     @app.errorhandler(LedgerError)
     async def ledger_error(exc: LedgerError) -> Response:

@@ -15,7 +15,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,8 +251,11 @@ class WorkloadError(Exception):
     """The workload could not run (the system is not reachable or refused to set up)."""
 
 
-async def run(api_url: str, p: WorkloadParams) -> tuple[list[Op], list[Member]]:
-    """Sign the users up, fund them, then run the processes; returns the history."""
+async def run(
+    api_url: str, p: WorkloadParams, during: Callable[[], Awaitable[None]] | None = None
+) -> tuple[list[Op], list[Member]]:
+    """Sign the users up, fund them, then run the processes; returns the history. ``during``
+    (a fault timeline) runs alongside the processes only, and is cancelled when they end."""
     rec = Recorder()
     limits = httpx.Limits(max_connections=p.processes * BURST + 8)
     async with httpx.AsyncClient(
@@ -273,9 +276,13 @@ async def run(api_url: str, p: WorkloadParams) -> tuple[list[Op], list[Member]]:
                 ),
             )
         deadline = time.monotonic() + p.seconds_max
-        async with trio.open_nursery() as nursery:
-            for process in range(p.processes):
-                nursery.start_soon(_process, client, rec, process, members, p, deadline)
+        async with trio.open_nursery() as outer:
+            if during is not None:
+                outer.start_soon(during)
+            async with trio.open_nursery() as nursery:
+                for process in range(p.processes):
+                    nursery.start_soon(_process, client, rec, process, members, p, deadline)
+            outer.cancel_scope.cancel()
     return sorted(rec.ops, key=lambda op: op.index), members
 
 

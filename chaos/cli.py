@@ -1,4 +1,10 @@
-"""``kizo chaos bank``: the Jepsen-style bank workload and its checker, on a scratch system.
+"""``kizo chaos``: the Jepsen-style bank workload and its checker, on a scratch system.
+
+    kizo chaos bank [--users --processes --ops]   the workload, no faults
+    kizo chaos run SCENARIO                        the workload under a scenario's faults, with
+                                                   PostgreSQL, Redis and the bank behind the
+                                                   fault proxy (chaos/scenarios/*.toml)
+    kizo chaos list                                the scenarios
 
 Exit code 0 when the checker finds nothing, 1 when it finds violations (they are printed),
 2 on bad usage. ``--mutation`` runs a deliberately broken build, to see the checker fail.
@@ -8,18 +14,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kizo.cli import Command, bounded_int, register
+from kizo.cli import Command, UsageError, bounded_int, register
 from kizo.config import MUTATIONS, Config
 
+if TYPE_CHECKING:
+    from chaos.bank_workload import WorkloadParams
+    from chaos.scenario import Scenario
+    from kizo.system import System
+
 VIOLATIONS_SHOWN_MAX = 20
+_BANK_FAULT = re.compile(r'^bank_faults_injected_total\{fault="([a-z_]+)"\} ([0-9.e+]+)$', re.M)
+# Short janitor periods, so that a run converges in seconds after the faults heal.
+CHAOS_OVERRIDES = {
+    "KIZO_RATE_LIMITS": "off",
+    "KIZO_JANITOR_INTERVAL_S": "1",
+    "KIZO_REDRIVE_AFTER_S": "3",
+    "KIZO_RESOLVE_AFTER_S": "3",
+    "KIZO_BANK_TIMEOUT_S": "2",
+}
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("workload", choices=["bank"], help="what to run")
+    parser.add_argument("what", choices=["bank", "run", "list"], help="what to do")
+    parser.add_argument("scenario", nargs="?", help="with run: a scenario's name or .toml path")
     parser.add_argument("--seed", type=bounded_int(0, 2**31), default=1)
     parser.add_argument("--users", type=bounded_int(2, 500), default=12)
     parser.add_argument("--processes", type=bounded_int(1, 64), default=8)
@@ -31,55 +53,116 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _chaos(_config: Config, args: argparse.Namespace) -> int:
+    from chaos import scenario as scenarios
+    from chaos.bank_workload import WorkloadParams
+
+    if args.what == "list":
+        for name in scenarios.names():
+            print(f"{name:<16} {scenarios.load(name, args.seed).title}")
+        return 0
+    scenario = None
+    if args.what == "run":
+        if not args.scenario:
+            raise UsageError("kizo chaos run needs a scenario (see kizo chaos list)")
+        try:
+            scenario = scenarios.load(args.scenario, args.seed)
+        except scenarios.ScenarioError as exc:
+            raise UsageError(str(exc)) from None
+        params = scenario.workload
+    elif args.scenario:
+        raise UsageError("kizo chaos bank takes no scenario (use kizo chaos run)")
+    else:
+        params = WorkloadParams(users=args.users, processes=args.processes,
+                                ops_per_process=args.ops, seed=args.seed)  # fmt: skip
+    report = run(params, scenario, args.seed, args.mutation)
+    print(json.dumps(report) if args.json else text(report))
+    return 1 if report["violations"] else 0
+
+
+def run(params: WorkloadParams, scenario: Scenario | None, seed: int,
+        mutation: str = "") -> dict[str, Any]:  # fmt: skip
+    """One whole run on a scratch system; the report."""
+    import trio
+
+    from kizo.system import scratch_system
+
+    overrides = dict(CHAOS_OVERRIDES)
+    if mutation:
+        overrides["KIZO_MUTATION"] = mutation
+    with scratch_system(overrides, behind_proxy=scenario is not None) as system:
+        report = trio.run(_execute, system, params, scenario, seed)
+    return {"seed": seed, "mutation": mutation or None, **report}
+
+
+async def _execute(system: System, params: WorkloadParams, scenario: Scenario | None,
+                   seed: int) -> dict[str, Any]:  # fmt: skip
+    import httpx
     import trio
 
     from chaos import bank_workload as workload
     from chaos.checker import check
-    from kizo.system import scratch_system
+    from chaos.scenario import Timeline
 
-    params = workload.WorkloadParams(users=args.users, processes=args.processes,
-                                     ops_per_process=args.ops, seed=args.seed)  # fmt: skip
-    overrides = {"KIZO_RATE_LIMITS": "off", "KIZO_JANITOR_INTERVAL_S": "1"}
-    if args.mutation:
-        overrides["KIZO_MUTATION"] = args.mutation
+    timeline = Timeline(system.proxy_url, system.bank_url, seed)
 
-    async def main(api_url: str, database_url: str, bank_url: str) -> dict[str, Any]:
-        started = time.monotonic()
-        history, members = await workload.run(api_url, params)
-        ran_s = time.monotonic() - started
-        state = await workload.converge_and_read(api_url, database_url, members, params, bank_url)
-        violations = check(history, state)
-        return {
-            "seed": args.seed,
-            "mutation": args.mutation or None,
-            "ops": len(history),
-            "ops_per_s": round(len(history) / ran_s, 1),
-            "by_kind_and_status": dict(
-                sorted(Counter(f"{op.f} {op.status}" for op in history).items())
-            ),
-            "transactions": len(state.transactions),
-            "violations": len(violations),
-            "violation_rules": dict(Counter(v.rule for v in violations)),
-            "violations_shown": [f"{v.rule}: {v.detail}" for v in violations][
-                :VIOLATIONS_SHOWN_MAX
-            ],
-        }
+    async def faults() -> None:
+        if scenario is not None:
+            await timeline.run(scenario.method, trio.current_time())
 
-    with scratch_system(overrides) as system:
-        report = trio.run(main, system.api_url, system.database_url, system.bank_url)
-    print(json.dumps(report) if args.json else _text(report))
-    return 1 if report["violations"] else 0
+    started = time.monotonic()
+    try:
+        history, members = await workload.run(system.api_url, params, faults)
+    finally:
+        if scenario is not None:  # the rollback, whatever happened
+            async with httpx.AsyncClient(timeout=10) as http:
+                await timeline.heal(http)
+    ran_s = time.monotonic() - started
+    state = await workload.converge_and_read(system.api_url, system.database_url, members,
+                                             params, system.bank_url)  # fmt: skip
+    async with httpx.AsyncClient(timeout=10) as http:
+        bank_metrics = (await http.get(f"{system.bank_url}/metrics")).text
+    tolerated = scenario.tolerated if scenario is not None else frozenset()
+    violations = check(history, state, tolerated)
+    return {
+        "scenario": None if scenario is None else scenario.name,
+        "ops": len(history),
+        "ops_per_s": round(len(history) / ran_s, 1),
+        "by_kind_and_status": dict(
+            sorted(Counter(f"{op.f} {op.status}" for op in history).items())
+        ),
+        "transactions": len(state.transactions),
+        "bank_faults_injected": {
+            m.group(1): int(float(m.group(2))) for m in _BANK_FAULT.finditer(bank_metrics)
+        },
+        "timeline": timeline.applied,
+        # Steps the workload ended before (the rollback healed them anyway): a scenario whose
+        # faults did not happen tested nothing, so the report says so.
+        "steps_skipped": []
+        if scenario is None
+        else [s.describe() for s in scenario.method[len(timeline.applied) :]],
+        "violations": len(violations),
+        "violation_rules": dict(Counter(v.rule for v in violations)),
+        "violations_shown": [f"{v.rule}: {v.detail}" for v in violations][:VIOLATIONS_SHOWN_MAX],
+    }
 
 
-def _text(report: dict[str, Any]) -> str:
+def text(report: dict[str, Any]) -> str:
+    what = f"scenario {report['scenario']}" if report["scenario"] else "bank workload"
     lines = [
-        f"kizo chaos bank (seed {report['seed']}"
+        f"kizo chaos: {what} (seed {report['seed']}"
         + (f", mutation {report['mutation']}" if report["mutation"] else "")
         + ")",
         f"  operations        {report['ops']} ({report['ops_per_s']}/s)",
         f"  transactions      {report['transactions']}",
     ]
     lines += [f"    {k:<28} {n}" for k, n in report["by_kind_and_status"].items()]
+    if report["bank_faults_injected"]:
+        faults = ", ".join(f"{k} {n}" for k, n in sorted(report["bank_faults_injected"].items()))
+        lines.append(f"  bank faults       {faults}")
+    if report["timeline"]:
+        lines.append("  faults")
+        lines += [f"    {s['at_s']:>6} s  {s['step']} -> {s['status']}" for s in report["timeline"]]
+    lines += [f"    skipped (the workload ended first): {s}" for s in report["steps_skipped"]]
     lines.append(f"  violations        {report['violations']}")
     lines += [f"    {rule:<28} {n}" for rule, n in sorted(report["violation_rules"].items())]
     if report["violations_shown"]:

@@ -125,6 +125,13 @@ class AuthConfig:
 ARGON2_OWASP_FLOOR = ((47_104, 1), (19_456, 2), (12_288, 3), (9_216, 4), (7_168, 5))
 
 
+def _http_url(env: Mapping[str, str], name: str) -> str | None:
+    value = _optional(env, name)
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got {value!r}")
+    return value.rstrip("/") if value else None
+
+
 def _auth(env: Mapping[str, str]) -> AuthConfig:
     d = AuthConfig
     memory_kib = _int(env, "KIZO_ARGON2_MEMORY_KIB", d.argon2_memory_kib, low=7_168, high=1 << 22)
@@ -170,6 +177,7 @@ class Config:
     bank_port: int = 8100
     proxy_api_port: int = 8474
     proxy_file: str = ""  # the fault proxy's proxies: "" the shipped file, "none" no proxies
+    bank_url_override: str | None = None  # KIZO_BANK_URL: where workers reach the bank
     workers: int = 1
     pg_fsync: bool = True
     # A deliberately broken build, for showing that the chaos checker catches one. Never set
@@ -205,6 +213,10 @@ class Config:
         if self.redis_url is not None:
             return self.redis_url
         return f"redis://{self.host}:{self.redis_port}/0"
+
+    def bank_url(self) -> str:
+        """Where Kizo's workers and janitor reach the bank (the bank itself serves bank_port)."""
+        return self.bank_url_override or f"http://{self.host}:{self.bank_port}"
 
     def with_urls(self, database_url: str, redis_url: str | None) -> Config:
         return dataclasses.replace(self, database_url=database_url, redis_url=redis_url)
@@ -258,6 +270,7 @@ class Config:
             bank_port=_int(env, "KIZO_BANK_PORT", 8100, low=1, high=65535),
             proxy_api_port=_int(env, "KIZO_PROXY_API_PORT", 8474, low=1, high=65535),
             proxy_file=_str(env, "KIZO_PROXY_FILE", ""),
+            bank_url_override=_http_url(env, "KIZO_BANK_URL"),
             workers=_int(env, "KIZO_WORKERS", 1, low=1, high=64),
             pg_fsync=_str(env, "KIZO_PG_FSYNC", "on").lower() not in {"off", "0", "false", "no"},
             ledger=ledger,

@@ -16,6 +16,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from kizo.config import Config
 from kizo.servers import free_port
 from kizo.supervisor import (
@@ -28,6 +30,9 @@ from kizo.supervisor import (
 )
 
 LOG_TAIL_LINES = 15
+# Processes that never go through the fault proxy: the proxy itself, and the bank (the outside
+# world, with its own database).
+DIRECT_CHILDREN = frozenset({"proxy", "bank"})
 PORT_VARIABLES = (
     "KIZO_PG_PORT",
     "KIZO_REDIS_PORT",
@@ -45,6 +50,7 @@ class System:
     api_url: str  # http://host:port, the REST API under /api/v1
     bank_url: str
     procs: list[tuple[Child, subprocess.Popen[bytes]]]
+    proxy_url: str = ""  # the fault proxy's HTTP API
 
     @property
     def database_url(self) -> str:
@@ -60,10 +66,14 @@ def _quiet(_message: str) -> None:
 
 
 @contextmanager
-def scratch_system(overrides: Mapping[str, str] | None = None) -> Iterator[System]:
+def scratch_system(
+    overrides: Mapping[str, str] | None = None, behind_proxy: bool = False
+) -> Iterator[System]:
     """Start the system; stop every process and server, and delete the data, on exit. KIZO_*
-    ``overrides`` tune it (shards, workers, rate limits…). If the body fails, the tail of each
-    process's log is printed to stderr."""
+    ``overrides`` tune it (shards, workers, rate limits…). ``behind_proxy``: the API, workers
+    and janitor reach PostgreSQL, Redis and the bank through the fault proxy's proxies named
+    postgres, redis and bank (the bank and the readers of the final state go direct). If the
+    body fails, the tail of each process's log is printed to stderr."""
     from kizo.cli import load_plugins
 
     load_plugins()  # each component registers the processes it runs
@@ -82,21 +92,42 @@ def scratch_system(overrides: Mapping[str, str] | None = None) -> Iterator[Syste
         logs.mkdir()
         procs: list[tuple[Child, subprocess.Popen[bytes]]] = []
         stack.callback(stop_children, procs, _quiet)
+        kizo_env = env
         for child in children(config):
             log = stack.enter_context((logs / f"{child.name}.log").open("wb"))
-            procs.append((child, start_child(child, env, log)))
+            direct = child.name in DIRECT_CHILDREN
+            procs.append((child, start_child(child, env if direct else kizo_env, log)))
+            if child.name == "proxy" and behind_proxy:
+                kizo_env = env | _through_proxies(config)
         system = System(
             config,
             env,
             f"http://{config.host}:{config.api_port}",
             f"http://{config.host}:{config.bank_port}",
             procs,
+            f"http://{config.host}:{config.proxy_api_port}",
         )
         try:
             yield system
         except BaseException:
             _print_log_tails(logs)
             raise
+
+
+def _through_proxies(config: Config) -> dict[str, str]:
+    """Create the proxies; the environment that sends Kizo's processes through them."""
+    host = config.host
+    ports = {"postgres": config.pg_port, "redis": config.redis_port, "bank": config.bank_port}
+    listen = {name: free_port() for name in ports}
+    body = [{"name": n, "listen": f"{host}:{listen[n]}", "upstream": f"{host}:{port}"}
+            for n, port in ports.items()]  # fmt: skip
+    api = f"http://{host}:{config.proxy_api_port}"
+    httpx.post(f"{api}/populate", json=body, timeout=10).raise_for_status()
+    return {
+        "DATABASE_URL": f"postgresql://postgres@{host}:{listen['postgres']}/kizo",
+        "REDIS_URL": f"redis://{host}:{listen['redis']}/0",
+        "KIZO_BANK_URL": f"http://{host}:{listen['bank']}",
+    }
 
 
 def _print_log_tails(logs: Path) -> None:

@@ -1,0 +1,196 @@
+"""Chaos scenarios: the bank workload against a system whose PostgreSQL, Redis and bank sit
+behind the fault proxy, with faults on a timeline, then healing, convergence and the checker.
+
+A scenario is a TOML file (chaos/scenarios/*.toml):
+
+    title = "..."
+    description = "..."
+    tolerated = [503]          # answers that count as "unknown outcome" under faults (only 503)
+
+    [workload]                 # chaos.bank_workload.WorkloadParams fields, optional
+    users = 12
+    processes = 8
+    ops = 80
+
+    [[method]]                 # in time order
+    at_s = 1.0
+    action = "toxic"           # toxic | remove_toxic | disable | enable | bank_faults | heal
+    proxy = "postgres"         # postgres | redis | bank (toxic, remove_toxic, disable, enable)
+    toxic = { type = "latency", stream = "downstream", attributes = { latency = 30 } }
+
+``bank_faults`` takes ``faults = { error_rate = 0.1, drop_rate = 0.2, latency_ms = 20 }``;
+``remove_toxic`` takes ``name``; ``heal`` resets the proxy and clears the bank's faults (the
+rollback, which also always runs when the workload ends). The seed (``--seed``) drives the
+workload, the bank's fault dice and the proxy's toxicity dice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from chaos.bank_workload import WorkloadParams
+
+SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"
+ACTIONS = ("toxic", "remove_toxic", "disable", "enable", "bank_faults", "heal")
+PROXIES = ("postgres", "redis", "bank")
+TOLERABLE = frozenset({503})
+RUN_S_MAX = 300.0
+WORKLOAD_KEYS = {"users": "users", "processes": "processes", "ops": "ops_per_process",
+                 "seconds_max": "seconds_max", "converge_s_max": "converge_s_max"}  # fmt: skip
+
+
+class ScenarioError(Exception):
+    """A scenario file that cannot be run: one line saying why."""
+
+
+@dataclass(frozen=True)
+class Step:
+    at_s: float
+    action: str
+    proxy: str = ""
+    body: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        target = f" {self.proxy}" if self.proxy else ""
+        detail = f" {dict(self.body)}" if self.body else ""
+        return f"{self.action}{target}{detail}"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    description: str
+    workload: WorkloadParams
+    method: tuple[Step, ...]
+    tolerated: frozenset[int]
+
+
+def find(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = SCENARIOS_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SCENARIOS_DIR.glob("*.toml")))
+        raise ScenarioError(f"no scenario {name_or_path!r} (known: {known})")
+    return path
+
+
+def names() -> list[str]:
+    return sorted(p.stem for p in SCENARIOS_DIR.glob("*.toml"))
+
+
+def load(name_or_path: str, seed: int) -> Scenario:
+    path = find(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ScenarioError(f"{path.name}: {exc}") from None
+    where = path.name
+    title = _text(data, "title", where)
+    tolerated = data.get("tolerated", [])
+    if not isinstance(tolerated, list) or not set(tolerated) <= TOLERABLE:
+        raise ScenarioError(f"{where}: tolerated may list only {sorted(TOLERABLE)}")
+    steps = data.get("method", [])
+    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+        raise ScenarioError(f"{where}: method must be an array of tables ([[method]])")
+    method = tuple(_step(s, f"{where} method[{i}]") for i, s in enumerate(steps))
+    if any(a.at_s > b.at_s for a, b in itertools.pairwise(method)):
+        raise ScenarioError(f"{where}: method steps must be in time order")
+    return Scenario(path.stem, title, str(data.get("description", "")),
+                    _workload(data.get("workload", {}), seed, where), method,
+                    frozenset(tolerated))  # fmt: skip
+
+
+def _text(data: Mapping[str, Any], key: str, where: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise ScenarioError(f"{where}: {key} must be a non-empty string")
+    return value
+
+
+def _workload(raw: object, seed: int, where: str) -> WorkloadParams:
+    if not isinstance(raw, dict) or not set(raw) <= set(WORKLOAD_KEYS):
+        raise ScenarioError(f"{where}: [workload] takes only {sorted(WORKLOAD_KEYS)}")
+    values: dict[str, Any] = {"seed": seed}
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ScenarioError(f"{where}: workload.{key} must be a positive number")
+        values[WORKLOAD_KEYS[key]] = value
+    if values.get("users", 2) < 2 or values.get("users", 2) > 500:
+        raise ScenarioError(f"{where}: workload.users must be between 2 and 500")
+    params = WorkloadParams(**values)
+    if params.seconds_max + params.converge_s_max > RUN_S_MAX:
+        raise ScenarioError(f"{where}: the run may last at most {RUN_S_MAX:.0f} s")
+    return params
+
+
+def _step(raw: Mapping[str, Any], where: str) -> Step:
+    action, at_s = raw.get("action"), raw.get("at_s", 0)
+    if action not in ACTIONS:
+        raise ScenarioError(f"{where}: action must be one of {', '.join(ACTIONS)}")
+    if isinstance(at_s, bool) or not isinstance(at_s, int | float) or not 0 <= at_s <= RUN_S_MAX:
+        raise ScenarioError(f"{where}: at_s must be a number of seconds from 0 to {RUN_S_MAX:.0f}")
+    proxy = raw.get("proxy", "")
+    if action in ("toxic", "remove_toxic", "disable", "enable") and proxy not in PROXIES:
+        raise ScenarioError(f"{where}: proxy must be one of {', '.join(PROXIES)}")
+    body: Mapping[str, Any] = {}
+    if action == "toxic":
+        body = raw.get("toxic", {})
+    elif action == "remove_toxic":
+        body = {"name": raw.get("name")}
+    elif action == "bank_faults":
+        body = raw.get("faults", {})
+    unnamed = action == "remove_toxic" and not isinstance(body.get("name"), str)
+    if not isinstance(body, dict) or unnamed:
+        raise ScenarioError(f"{where}: {action} needs its table (toxic, faults) or name")
+    return Step(float(at_s), str(action), str(proxy), body)
+
+
+@dataclass
+class Timeline:
+    """Applies a scenario's steps against the proxy and the bank; records what happened."""
+
+    proxy_url: str
+    bank_url: str
+    seed: int
+    applied: list[dict[str, Any]] = field(default_factory=list)
+
+    async def run(self, steps: Sequence[Step], started: float) -> None:
+        async with httpx.AsyncClient(timeout=10) as http:
+            for step in steps:
+                await trio.sleep_until(started + step.at_s)
+                status = await self._apply(http, step)
+                self.applied.append({"at_s": round(trio.current_time() - started, 2),
+                                     "step": step.describe(), "status": status})  # fmt: skip
+
+    async def _apply(self, http: httpx.AsyncClient, step: Step) -> int:
+        proxies = f"{self.proxy_url}/proxies"
+        if step.action == "toxic":
+            r = await http.post(f"{proxies}/{step.proxy}/toxics", json=dict(step.body))
+        elif step.action == "remove_toxic":
+            r = await http.delete(f"{proxies}/{step.proxy}/toxics/{step.body['name']}")
+        elif step.action in ("disable", "enable"):
+            r = await http.post(f"{proxies}/{step.proxy}",
+                                json={"enabled": step.action == "enable"})  # fmt: skip
+        elif step.action == "bank_faults":
+            r = await http.put(f"{self.bank_url}/admin/faults",
+                               json={"seed": self.seed, **step.body})  # fmt: skip
+        else:
+            return await self.heal(http)
+        if r.status_code >= 300:
+            raise ScenarioError(f"{step.describe()}: {r.status_code} {r.text.strip()[:200]}")
+        return r.status_code
+
+    async def heal(self, http: httpx.AsyncClient) -> int:
+        reset = await http.post(f"{self.proxy_url}/reset")
+        cleared = await http.delete(f"{self.bank_url}/admin/faults")
+        return max(reset.status_code, cleared.status_code)
