@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
@@ -159,6 +160,9 @@ async def dispatch(collection: Collection, method: str, target: str, user_agent:
             return await handler(collection, params, _json_body(raw_body))
         except model.ApiError as exc:
             return exc.status, exc.as_json()
+        except Exception as exc:  # a bug: answered, logged, and the server stays up
+            print(f"kizo proxy: {method} {path} failed: {exc!r}", file=sys.stderr)
+            return 500, {"error": "internal error", "status": 500}
     return 404, {"error": "not found", "status": 404}
 
 

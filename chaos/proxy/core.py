@@ -26,6 +26,7 @@ import math
 import random
 import socket
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -276,6 +277,8 @@ class Proxy:
         self.links.add(link)
         try:
             await link.run()
+        except Exception as exc:  # one connection's bug must not take the proxy down
+            print(f"kizo proxy: {self.spec.name}: connection failed: {exc!r}", file=sys.stderr)
         finally:
             self.links.discard(link)
             with trio.CancelScope(shield=True):
