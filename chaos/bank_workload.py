@@ -31,6 +31,8 @@ PASSWORD = "workload-password-1"  # noqa: S105 (made-up users of a scratch syste
 HISTORY_PAGE = 7  # small, so that every user's history spans several pages
 CONVERGE_POLL_S = 0.25
 BURST = 3
+UNANSWERED_RETRIES = 4
+BACKOFF_S = 0.25
 PAYMENTS = {
     "deposit": "/api/v1/payments/deposit",
     "withdraw": "/api/v1/payments/withdraw",
@@ -142,7 +144,7 @@ def _payment(rng: random.Random, member: Member, members: Sequence[Member]) -> R
 
 
 def _bad(
-    rng: random.Random, member: Member, members: Sequence[Member], sent: Sequence[Request]
+    rng: random.Random, member: Member, members: Sequence[Member], answered: Sequence[Request]
 ) -> Request:
     """Input the API must refuse with a 4xx, changing nothing."""
     other = rng.choice([m for m in members if m is not member])
@@ -161,7 +163,7 @@ def _bad(
         ("not_json", None, b"amount=5"),
         ("bad_utf8", None, b'{"to": "\xff\xfe", "amount": 5}'),
     ]
-    reused = [r for r in sent if r.f == "transfer" and r.member is member]
+    reused = [r for r in answered if r.f == "transfer" and r.member is member]
     if reused and rng.random() < 0.25:
         old = rng.choice(reused)
         assert old.body is not None
@@ -183,6 +185,7 @@ async def _process(
 ) -> None:
     rng = random.Random(p.seed * 1_000 + process)
     sent: list[Request] = []
+    answered: list[Request] = []  # sent and answered 2xx: their keys are taken
     for _ in range(p.ops_per_process):
         if time.monotonic() > deadline:
             return
@@ -193,17 +196,43 @@ async def _process(
         elif roll < 0.2:  # the same request several times at once: one transaction
             req = _payment(rng, member, members)
             sent.append(req)
-            async with trio.open_nursery() as burst:
-                for _ in range(BURST):
-                    burst.start_soon(send, client, rec, process, req)
+            if await _burst(client, rec, process, req):
+                answered.append(req)
         elif roll < 0.3:
-            await send(client, rec, process, _bad(rng, member, members, sent))
+            await send(client, rec, process, _bad(rng, member, members, answered))
         elif roll < 0.35:
             await _read(client, rec, process, member)
         else:
             req = _payment(rng, member, members)
             sent.append(req)
-            await send(client, rec, process, req)
+            if (await _send_until_answered(client, rec, process, req)).outcome == "ok":
+                answered.append(req)
+
+
+async def _burst(client: httpx.AsyncClient, rec: Recorder, process: int, req: Request) -> bool:
+    """The same request ``BURST`` times at once; whether any was answered 2xx."""
+    outcomes: list[str] = []
+
+    async def one() -> None:
+        outcomes.append((await send(client, rec, process, req)).outcome)
+
+    async with trio.open_nursery() as burst:
+        for _ in range(BURST):
+            burst.start_soon(one)
+    return "ok" in outcomes
+
+
+async def _send_until_answered(
+    client: httpx.AsyncClient, rec: Recorder, process: int, req: Request
+) -> Op:
+    """What a careful client does: no answer (or 503) -> back off, send the same request with
+    the same key again, a bounded number of times. The last answer."""
+    for attempt in range(UNANSWERED_RETRIES):
+        op = await send(client, rec, process, req)
+        if op.outcome != "info":
+            return op
+        await trio.sleep(BACKOFF_S * (attempt + 1))
+    return await send(client, rec, process, req)
 
 
 async def _read(client: httpx.AsyncClient, rec: Recorder, process: int, member: Member) -> None:

@@ -126,9 +126,20 @@ def _no_server_errors(history: Sequence[Op], tolerated: frozenset[int]) -> Itera
 
 
 def _bad_input_refused(history: Sequence[Op], state: FinalState) -> Iterable[Violation]:
+    answered: dict[tuple[str, str], float] = {}  # key -> when its first 2xx came back
+    for op in history:
+        if op.key and op.outcome == "ok" and not op.f.startswith("bad:"):
+            scope = (op.user, op.key)
+            answered[scope] = min(answered.get(scope, op.completed_s), op.completed_s)
     for op in history:
         if not op.f.startswith("bad:") or op.status is None:
             continue
+        if op.f == "bad:key_reused" and op.key:
+            # Only a key already answered is "reused": if the first request never landed
+            # (the API was down), this is the key's first use and may well succeed.
+            first = answered.get((op.user, op.key))
+            if first is None or first > op.invoked_s:
+                continue
         if not 400 <= op.status < 500:
             yield Violation("bad_input_accepted", f"op {op.index} {op.f}: HTTP {op.status}")
         if op.f != "bad:key_reused" and op.key and (op.user, op.key) in state.keys:

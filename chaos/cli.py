@@ -103,7 +103,7 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
     from chaos.checker import check
     from chaos.scenario import Timeline
 
-    timeline = Timeline(system.proxy_url, system.bank_url, seed)
+    timeline = Timeline(system.proxy_url, system.bank_url, seed, system.control)
 
     async def faults() -> None:
         if scenario is not None:

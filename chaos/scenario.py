@@ -15,23 +15,27 @@ A scenario is a TOML file (chaos/scenarios/*.toml):
     [[method]]                 # in time order
     at_s = 1.0
     action = "toxic"           # toxic | remove_toxic | disable | enable | bank_faults | heal
+                               # | kill | restart
     proxy = "postgres"         # postgres | redis | bank (toxic, remove_toxic, disable, enable)
+    process = "worker-0"       # kill (SIGKILL, with its own children), restart: worker-N, api,
+                               # janitor, bank
     toxic = { type = "latency", stream = "downstream", attributes = { latency = 30 } }
 
 ``bank_faults`` takes ``faults = { error_rate = 0.1, drop_rate = 0.2, latency_ms = 20 }``;
-``remove_toxic`` takes ``name``; ``heal`` resets the proxy and clears the bank's faults (the
-rollback, which also always runs when the workload ends). The seed (``--seed``) drives the
-workload, the bank's fault dice and the proxy's toxicity dice.
+``remove_toxic`` takes ``name``; ``heal`` starts killed processes again, resets the proxy and
+clears the bank's faults (the rollback, which also always runs when the workload ends). The
+seed (``--seed``) drives the workload and the bank's fault dice.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import trio
@@ -39,7 +43,8 @@ import trio
 from chaos.bank_workload import WorkloadParams
 
 SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"
-ACTIONS = ("toxic", "remove_toxic", "disable", "enable", "bank_faults", "heal")
+ACTIONS = ("toxic", "remove_toxic", "disable", "enable", "bank_faults", "heal", "kill", "restart")
+PROCESS = re.compile(r"worker-[0-9]+|api|janitor|bank")
 PROXIES = ("postgres", "redis", "bank")
 TOLERABLE = frozenset({503})
 RUN_S_MAX = 300.0
@@ -142,6 +147,11 @@ def _step(raw: Mapping[str, Any], where: str) -> Step:
     proxy = raw.get("proxy", "")
     if action in ("toxic", "remove_toxic", "disable", "enable") and proxy not in PROXIES:
         raise ScenarioError(f"{where}: proxy must be one of {', '.join(PROXIES)}")
+    process = raw.get("process", "")
+    if action in ("kill", "restart"):
+        if not isinstance(process, str) or not PROCESS.fullmatch(process):
+            raise ScenarioError(f"{where}: process must be worker-N, api, janitor or bank")
+        proxy = process  # the step's target
     body: Mapping[str, Any] = {}
     if action == "toxic":
         body = raw.get("toxic", {})
@@ -155,14 +165,22 @@ def _step(raw: Mapping[str, Any], where: str) -> Step:
     return Step(float(at_s), str(action), str(proxy), body)
 
 
+class Processes(Protocol):
+    def kill(self, name: str) -> None: ...
+    def restart(self, name: str) -> None: ...
+
+
 @dataclass
 class Timeline:
-    """Applies a scenario's steps against the proxy and the bank; records what happened."""
+    """Applies a scenario's steps against the proxy, the bank and the processes; records what
+    happened."""
 
     proxy_url: str
     bank_url: str
     seed: int
+    processes: Processes | None = None
     applied: list[dict[str, Any]] = field(default_factory=list)
+    down: set[str] = field(default_factory=set)  # killed and not restarted yet
 
     async def run(self, steps: Sequence[Step], started: float) -> None:
         async with httpx.AsyncClient(timeout=10) as http:
@@ -172,8 +190,21 @@ class Timeline:
                 self.applied.append({"at_s": round(trio.current_time() - started, 2),
                                      "step": step.describe(), "status": status})  # fmt: skip
 
-    async def _apply(self, http: httpx.AsyncClient, step: Step) -> int:
+    async def _apply(self, http: httpx.AsyncClient, step: Step) -> int | str:
         proxies = f"{self.proxy_url}/proxies"
+        if step.action in ("kill", "restart"):
+            if self.processes is None:
+                raise ScenarioError(f"{step.describe()}: no process control in this run")
+            act = self.processes.kill if step.action == "kill" else self.processes.restart
+            try:
+                await trio.to_thread.run_sync(act, step.proxy)
+            except (KeyError, RuntimeError) as exc:
+                raise ScenarioError(f"{step.describe()}: {exc}") from None
+            if step.action == "kill":
+                self.down.add(step.proxy)
+                return "killed"
+            self.down.discard(step.proxy)
+            return "running"
         if step.action == "toxic":
             r = await http.post(f"{proxies}/{step.proxy}/toxics", json=dict(step.body))
         elif step.action == "remove_toxic":
@@ -191,6 +222,11 @@ class Timeline:
         return r.status_code
 
     async def heal(self, http: httpx.AsyncClient) -> int:
+        """Every process killed is started again, every proxy reset, the bank's faults gone."""
+        for name in sorted(self.down):
+            assert self.processes is not None
+            await trio.to_thread.run_sync(self.processes.restart, name)
+        self.down.clear()
         reset = await http.post(f"{self.proxy_url}/reset")
         cleared = await http.delete(f"{self.bank_url}/admin/faults")
         return max(reset.status_code, cleared.status_code)

@@ -7,7 +7,9 @@ thing and never touch the developer's ``.kizo`` data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,7 @@ class System:
     bank_url: str
     procs: list[tuple[Child, subprocess.Popen[bytes]]]
     proxy_url: str = ""  # the fault proxy's HTTP API
+    control: ProcessControl | None = None
 
     @property
     def database_url(self) -> str:
@@ -59,6 +62,40 @@ class System:
     @property
     def redis_url(self) -> str:
         return self.config.valkey_url()
+
+
+class ProcessControl:
+    """Crash and restart the system's processes by name (chaos scenarios)."""
+
+    def __init__(self, procs: list[tuple[Child, subprocess.Popen[bytes]]],
+                 envs: dict[str, dict[str, str]], logs: Path) -> None:  # fmt: skip
+        self.procs = procs  # the list the system stops at exit: restarts land in it
+        self.envs = envs
+        self.logs = logs
+
+    def names(self) -> list[str]:
+        return [child.name for child, _ in self.procs]
+
+    def _index(self, name: str) -> int:
+        for i, (child, _) in enumerate(self.procs):
+            if child.name == name:
+                return i
+        raise KeyError(f"no process {name!r} (there are {', '.join(self.names())})")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process and its own children (it leads its process group)."""
+        _child, proc = self.procs[self._index(name)]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def restart(self, name: str) -> None:
+        index = self._index(name)
+        child, old = self.procs[index]
+        if old.poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        with (self.logs / f"{child.name}.log").open("ab") as log:
+            self.procs[index] = (child, start_child(child, self.envs[name], log))
 
 
 def _quiet(_message: str) -> None:
@@ -93,10 +130,11 @@ def scratch_system(
         procs: list[tuple[Child, subprocess.Popen[bytes]]] = []
         stack.callback(stop_children, procs, _quiet)
         kizo_env = env
+        envs: dict[str, dict[str, str]] = {}
         for child in children(config):
             log = stack.enter_context((logs / f"{child.name}.log").open("wb"))
-            direct = child.name in DIRECT_CHILDREN
-            procs.append((child, start_child(child, env if direct else kizo_env, log)))
+            envs[child.name] = env if child.name in DIRECT_CHILDREN else kizo_env
+            procs.append((child, start_child(child, envs[child.name], log)))
             if child.name == "proxy" and behind_proxy:
                 kizo_env = env | _through_proxies(config)
         system = System(
@@ -106,6 +144,7 @@ def scratch_system(
             f"http://{config.host}:{config.bank_port}",
             procs,
             f"http://{config.host}:{config.proxy_api_port}",
+            ProcessControl(procs, envs, logs),
         )
         try:
             yield system

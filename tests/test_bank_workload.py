@@ -158,6 +158,22 @@ def test_checker_catches_each_kind_of_violation() -> None:
         assert rule in _rules(check(h, s)), rule
 
 
+def test_key_reuse_counts_only_once_the_key_was_answered() -> None:
+    history, state = _clean()
+    changed = {"to": B, "amount": 31}
+    # k2 was answered (op 2, done at 2 s): reusing it with another body and getting 202 is bad.
+    reused = Op(1, 9, "bad:key_reused", UA, "k2", changed, 5, 6, 202, "ok", {"id": "t2"}, B)
+    assert "bad_input_accepted" in _rules(check([*history, reused], state))
+    # k9's first request never got an answer (the API was down): the "reuse" is its first use.
+    lost = Op(2, 7, "transfer", UA, "k9", {"to": B, "amount": 5}, 4, 5, None, "info", None, B)
+    first = Op(2, 8, "bad:key_reused", UA, "k9", changed, 5, 6, 202, "ok", {"id": "t9"}, B)
+    assert "bad_input_accepted" not in _rules(check([*history, lost, first], state))
+    # A 503 under faults is an unknown outcome when tolerated, a server error otherwise.
+    busy = dataclasses.replace(lost, index=10, status=503)
+    assert "server_error" in _rules(check([*history, busy], state))
+    assert "server_error" not in _rules(check([*history, busy], state, frozenset({503})))
+
+
 @pytest.fixture(scope="module")
 def live() -> Iterator[System]:
     with scratch_system({"KIZO_RATE_LIMITS": "off", "KIZO_JANITOR_INTERVAL_S": "1"}) as system:

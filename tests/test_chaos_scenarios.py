@@ -15,7 +15,7 @@ from chaos.cli import run
 
 def test_every_shipped_scenario_loads() -> None:
     names = scenarios.names()
-    assert {"bank-flaky", "db-latency", "redis-outage"} <= set(names)
+    assert {"api-crash", "bank-flaky", "db-latency", "redis-outage", "worker-crash"} <= set(names)
     for name in names:
         loaded = scenarios.load(name, seed=1)
         assert loaded.title and loaded.method and loaded.tolerated <= {503}
@@ -30,6 +30,7 @@ def test_every_shipped_scenario_loads() -> None:
         ('title = "t"\n[[method]]\naction = "toxic"\nproxy = "mysql"', "proxy must be one of"),
         ('title = "t"\n[[method]]\naction = "remove_toxic"\nproxy = "redis"', "needs its table"),
         ('title = "t"\n[[method]]\nat_s = -1\naction = "heal"', "at_s must be"),
+        ('title = "t"\n[[method]]\naction = "kill"\nprocess = "postgres"', "process must be"),
         ('title = "t"\n[[method]]\nat_s = 5\naction = "heal"\n[[method]]\nat_s = 1\n'
          'action = "heal"', "in time order"),
         ('title = "t"\n[workload]\nusers = 1', "users must be between 2 and 500"),
@@ -78,3 +79,17 @@ def test_the_checker_catches_a_broken_build_under_faults() -> None:
     rules = report["violation_rules"]
     assert isinstance(rules, dict)
     assert rules.get("key_many_transactions", 0) > 0 and rules.get("key_record_mismatch", 0) > 0
+
+
+def test_a_worker_killed_mid_run_loses_and_duplicates_nothing() -> None:
+    report = _run("worker-crash", seed=4)
+    assert report["violations"] == 0, report["violations_shown"]
+    assert [step["status"] for step in report["timeline"]] == ["killed", "running"]
+
+
+def test_an_api_killed_under_load_leaves_only_resolved_unknowns() -> None:
+    report = _run("api-crash", seed=4)
+    assert report["violations"] == 0, report["violations_shown"]
+    assert [step["status"] for step in report["timeline"]] == ["killed", "running"]
+    unanswered = sum(n for k, n in report["by_kind_and_status"].items() if k.endswith(" None"))
+    assert unanswered > 0, "the crash went unnoticed: the scenario tested nothing"
