@@ -116,6 +116,7 @@ def load_plugins() -> None:
 # order ``kizo up`` starts their processes; kept light (no heavy imports at module level).
 PLUGIN_MODULES: list[str] = [
     "kizo.bench_cli",
+    "kizo.loadtest",
     "chaos.proxy.cli",
     "chaos.mockbank.cli",
     "actors.cli",
