@@ -34,7 +34,6 @@ from kizo.config import AuthConfig
 JWT_ALGORITHM = "HS256"
 VERIFYING_KEYS = 2
 HASH_WAITING_MAX = 64
-HOLD_MAX_S = 0.5  # the longest one hash waits, in all, for a moment without payments
 _REFRESH_PREFIX = "kizo:refresh:"
 _FAMILY_PREFIX = "kizo:refresh-family:"
 
@@ -46,7 +45,8 @@ class Passwords:
         self._pepper = config.pepper.encode()
         args = (config.argon2_memory_kib, config.argon2_time_cost, config.argon2_parallelism)
         self._holding = 0  # requests in flight that outrank hashing
-        self._workers = [HashWorker(*args, config.hash_duty_pct, self._held, HOLD_MAX_S)
+        hold_s = config.hash_hold_ms / 1000
+        self._workers = [HashWorker(*args, config.hash_duty_pct, self._held, hold_s)
                          for _ in range(config.hash_processes)]  # fmt: skip
         self._idle: asyncio.Queue[HashWorker] = asyncio.Queue()
         for worker in self._workers:

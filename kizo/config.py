@@ -115,6 +115,7 @@ class AuthConfig:
     argon2_parallelism: int = 1
     hash_processes: int = 1
     hash_duty_pct: int = 25
+    hash_hold_ms: int = 100  # the longest one hash waits, in all, for a moment without payments
     access_ttl_s: int = 900
     refresh_ttl_s: int = 30 * 24 * 3600
 
@@ -147,6 +148,7 @@ def _auth(env: Mapping[str, str]) -> AuthConfig:
         argon2_time_cost=time_cost,
         hash_processes=_int(env, "KIZO_HASH_PROCESSES", d.hash_processes, low=1, high=64),
         hash_duty_pct=_int(env, "KIZO_HASH_DUTY_PCT", d.hash_duty_pct, low=1, high=100),
+        hash_hold_ms=_int(env, "KIZO_HASH_HOLD_MS", d.hash_hold_ms, low=0, high=10_000),
     )
 
 
