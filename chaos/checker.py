@@ -103,9 +103,8 @@ def check(
 ) -> list[Violation]:
     """``tolerated``: statuses that are honest answers under injected faults (503: "try
     again"); such an operation counts as an unknown outcome, not as a server error."""
-    found = list(_no_server_errors(history, tolerated))
+    found = [*_no_server_errors(history, tolerated), *_bad_input_refused(history, state, tolerated)]
     for rule in (
-        _bad_input_refused,
         _one_transaction_per_key,
         _accepted_are_recorded_and_final,
         _nothing_unaccounted,
@@ -125,7 +124,11 @@ def _no_server_errors(history: Sequence[Op], tolerated: frozenset[int]) -> Itera
             yield Violation("server_error", f"op {op.index} {op.f}: HTTP {op.status}")
 
 
-def _bad_input_refused(history: Sequence[Op], state: FinalState) -> Iterable[Violation]:
+def _bad_input_refused(
+    history: Sequence[Op], state: FinalState, tolerated: frozenset[int]
+) -> Iterable[Violation]:
+    """Bad input gets a 4xx (or, under faults, a tolerated 503: the API could not even look at
+    it) and leaves no trace."""
     answered: dict[tuple[str, str], float] = {}  # key -> when its first 2xx came back
     for op in history:
         if op.key and op.outcome == "ok" and not op.f.startswith("bad:"):
@@ -140,7 +143,7 @@ def _bad_input_refused(history: Sequence[Op], state: FinalState) -> Iterable[Vio
             first = answered.get((op.user, op.key))
             if first is None or first > op.invoked_s:
                 continue
-        if not 400 <= op.status < 500:
+        if not 400 <= op.status < 500 and op.status not in tolerated:
             yield Violation("bad_input_accepted", f"op {op.index} {op.f}: HTTP {op.status}")
         if op.f != "bad:key_reused" and op.key and (op.user, op.key) in state.keys:
             yield Violation("bad_input_changed_state", f"op {op.index} {op.f} stored key {op.key}")

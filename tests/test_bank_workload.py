@@ -168,6 +168,10 @@ def test_key_reuse_counts_only_once_the_key_was_answered() -> None:
     lost = Op(2, 7, "transfer", UA, "k9", {"to": B, "amount": 5}, 4, 5, None, "info", None, B)
     first = Op(2, 8, "bad:key_reused", UA, "k9", changed, 5, 6, 202, "ok", {"id": "t9"}, B)
     assert "bad_input_accepted" not in _rules(check([*history, lost, first], state))
+    # Under faults a tolerated 503 to bad input is no acceptance (the API could not look).
+    refused = dataclasses.replace(history[3], index=11, status=503, outcome="info")
+    assert "bad_input_accepted" in _rules(check([*history, refused], state))
+    assert "bad_input_accepted" not in _rules(check([*history, refused], state, frozenset({503})))
     # A 503 under faults is an unknown outcome when tolerated, a server error otherwise.
     busy = dataclasses.replace(lost, index=10, status=503)
     assert "server_error" in _rules(check([*history, busy], state))
