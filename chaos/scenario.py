@@ -60,11 +60,11 @@ class ScenarioError(Exception):
 class Step:
     at_s: float
     action: str
-    proxy: str = ""
+    target: str = ""  # a proxy's name, or a process's (kill, restart)
     body: Mapping[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
-        target = f" {self.proxy}" if self.proxy else ""
+        target = f" {self.target}" if self.target else ""
         detail = f" {dict(self.body)}" if self.body else ""
         return f"{self.action}{target}{detail}"
 
@@ -144,14 +144,13 @@ def _step(raw: Mapping[str, Any], where: str) -> Step:
         raise ScenarioError(f"{where}: action must be one of {', '.join(ACTIONS)}")
     if isinstance(at_s, bool) or not isinstance(at_s, int | float) or not 0 <= at_s <= RUN_S_MAX:
         raise ScenarioError(f"{where}: at_s must be a number of seconds from 0 to {RUN_S_MAX:.0f}")
-    proxy = raw.get("proxy", "")
-    if action in ("toxic", "remove_toxic", "disable", "enable") and proxy not in PROXIES:
+    target = raw.get("proxy", "")
+    if action in ("toxic", "remove_toxic", "disable", "enable") and target not in PROXIES:
         raise ScenarioError(f"{where}: proxy must be one of {', '.join(PROXIES)}")
-    process = raw.get("process", "")
     if action in ("kill", "restart"):
-        if not isinstance(process, str) or not PROCESS.fullmatch(process):
+        target = raw.get("process", "")
+        if not isinstance(target, str) or not PROCESS.fullmatch(target):
             raise ScenarioError(f"{where}: process must be worker-N, api, janitor or bank")
-        proxy = process  # the step's target
     body: Mapping[str, Any] = {}
     if action == "toxic":
         body = raw.get("toxic", {})
@@ -162,7 +161,7 @@ def _step(raw: Mapping[str, Any], where: str) -> Step:
     unnamed = action == "remove_toxic" and not isinstance(body.get("name"), str)
     if not isinstance(body, dict) or unnamed:
         raise ScenarioError(f"{where}: {action} needs its table (toxic, faults) or name")
-    return Step(float(at_s), str(action), str(proxy), body)
+    return Step(float(at_s), str(action), str(target), body)
 
 
 class Processes(Protocol):
@@ -197,20 +196,20 @@ class Timeline:
                 raise ScenarioError(f"{step.describe()}: no process control in this run")
             act = self.processes.kill if step.action == "kill" else self.processes.restart
             try:
-                await trio.to_thread.run_sync(act, step.proxy)
+                await trio.to_thread.run_sync(act, step.target)
             except (KeyError, RuntimeError) as exc:
                 raise ScenarioError(f"{step.describe()}: {exc}") from None
             if step.action == "kill":
-                self.down.add(step.proxy)
+                self.down.add(step.target)
                 return "killed"
-            self.down.discard(step.proxy)
+            self.down.discard(step.target)
             return "running"
         if step.action == "toxic":
-            r = await http.post(f"{proxies}/{step.proxy}/toxics", json=dict(step.body))
+            r = await http.post(f"{proxies}/{step.target}/toxics", json=dict(step.body))
         elif step.action == "remove_toxic":
-            r = await http.delete(f"{proxies}/{step.proxy}/toxics/{step.body['name']}")
+            r = await http.delete(f"{proxies}/{step.target}/toxics/{step.body['name']}")
         elif step.action in ("disable", "enable"):
-            r = await http.post(f"{proxies}/{step.proxy}",
+            r = await http.post(f"{proxies}/{step.target}",
                                 json={"enabled": step.action == "enable"})  # fmt: skip
         elif step.action == "bank_faults":
             r = await http.put(f"{self.bank_url}/admin/faults",

@@ -216,6 +216,14 @@ class Config:
             return self.redis_url
         return f"redis://{self.host}:{self.redis_port}/0"
 
+    def proxied_services(self) -> dict[str, str]:
+        """Where the services that fault proxies stand in front of run: name -> host:port."""
+        return {
+            "postgres": f"{self.host}:{self.pg_port}",
+            "redis": f"{self.host}:{self.redis_port}",
+            "bank": f"{self.host}:{self.bank_port}",
+        }
+
     def bank_url(self) -> str:
         """Where Kizo's workers and janitor reach the bank (the bank itself serves bank_port)."""
         return self.bank_url_override or f"http://{self.host}:{self.bank_port}"

@@ -155,11 +155,10 @@ def scratch_system(
 
 def _through_proxies(config: Config) -> dict[str, str]:
     """Create the proxies; the environment that sends Kizo's processes through them."""
-    host = config.host
-    ports = {"postgres": config.pg_port, "redis": config.redis_port, "bank": config.bank_port}
-    listen = {name: free_port() for name in ports}
-    body = [{"name": n, "listen": f"{host}:{listen[n]}", "upstream": f"{host}:{port}"}
-            for n, port in ports.items()]  # fmt: skip
+    host, upstreams = config.host, config.proxied_services()
+    listen = {name: free_port() for name in upstreams}
+    body = [{"name": n, "listen": f"{host}:{listen[n]}", "upstream": upstream}
+            for n, upstream in upstreams.items()]  # fmt: skip
     api = f"http://{host}:{config.proxy_api_port}"
     httpx.post(f"{api}/populate", json=body, timeout=10).raise_for_status()
     return {

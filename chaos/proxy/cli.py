@@ -23,14 +23,6 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="seed of the toxicity dice, for repeatable runs")  # fmt: skip
 
 
-def _upstreams(config: Config) -> dict[str, str]:
-    return {
-        "postgres": f"{config.host}:{config.pg_port}",
-        "redis": f"{config.host}:{config.redis_port}",
-        "bank": f"{config.host}:{config.bank_port}",
-    }
-
-
 def _serve(config: Config, args: argparse.Namespace) -> int:
     import trio
 
@@ -45,7 +37,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         except (OSError, ValueError, ApiError) as exc:
             print(f"kizo proxy: cannot read {path}: {exc}", file=sys.stderr)
             return 2
-        ours = _upstreams(config)
+        ours = config.proxied_services()
         specs = [dataclasses.replace(s, upstream=ours.get(s.name, s.upstream)) for s in specs]
     try:
         trio.run(serve, config.host, config.proxy_api_port, specs, args.seed)

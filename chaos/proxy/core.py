@@ -22,6 +22,7 @@ version against its toxicity. Semantics follow Toxiproxy's toxics:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import socket
@@ -222,7 +223,7 @@ def _reset_on_close(stream: trio.SocketStream) -> None:
 class Proxy:
     def __init__(self, spec: ProxySpec, nursery: trio.Nursery, seed: int) -> None:
         self.spec = spec
-        self.toxics: list[Toxic] = list(spec.toxics)
+        self.toxics: list[Toxic] = []
         self.counters = Counters()
         self._nursery = nursery
         self._rng = random.Random(seed)
@@ -253,8 +254,8 @@ class Proxy:
         except OSError as exc:
             raise ApiError(409, f"listen {self.spec.listen}: {exc.strerror or exc}") from None
         bound = listeners[0].socket.getsockname()
-        self.spec = ProxySpec(self.spec.name, _address(bound[0], bound[1]), self.spec.upstream,
-                              True)  # fmt: skip
+        self.spec = dataclasses.replace(self.spec, listen=_address(bound[0], bound[1]),
+                                        enabled=True)  # fmt: skip
         self._listener_scope = await self._nursery.start(self._serve, listeners)
 
     async def _serve(self, listeners: list[trio.SocketListener],
@@ -375,7 +376,7 @@ class Collection:
         moved = (spec.listen, spec.upstream) != (proxy.spec.listen, proxy.spec.upstream)
         if moved or not spec.enabled:
             proxy.stop()
-        proxy.spec = ProxySpec(proxy.spec.name, spec.listen, spec.upstream, spec.enabled)
+        proxy.spec = spec
         if spec.enabled:
             await proxy.start()
 

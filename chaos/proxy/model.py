@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 STREAMS = ("upstream", "downstream")
@@ -84,7 +84,6 @@ class ProxySpec:
     listen: str
     upstream: str
     enabled: bool = True
-    toxics: tuple[Toxic, ...] = field(default=())
 
 
 def _object(body: object) -> Mapping[str, Any]:
