@@ -24,6 +24,7 @@ install: $(UV)
 
 lint:
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck:
 	$(VENV)/bin/mypy

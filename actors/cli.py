@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from kizo.cli import Command, UsageError, register
-from kizo.config import Config
-from kizo.supervisor import Child, register_child
+from infra.commands import Command, UsageError
+from infra.config import Config
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +34,7 @@ def _shards(config: Config, args: argparse.Namespace) -> list[int]:
 
 def _worker(config: Config, args: argparse.Namespace) -> int:
     from actors.worker import WorkerSpec, main
-    from kizo import aio
+    from infra import aio
 
     spec = WorkerSpec(
         config.pg_url(),
@@ -47,10 +46,6 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _children(config: Config) -> list[Child]:
-    n = config.workers
-    return [Child(f"worker-{i}", ["worker", "--index", str(i), "--of", str(n)]) for i in range(n)]
-
-
-register(Command("worker", "run a settlement worker", _worker, _configure))
-register_child(_children)
+COMMANDS = [
+    Command("worker", _worker, _configure),
+]

@@ -29,7 +29,7 @@ import structlog
 from actors.bank_client import BankClient, BankPayment, BankResult, BankUnavailable
 from actors.routing import QueueSet, Routed, actor_account
 from engine import CHECKS, Action, Op, apply_batch, audit
-from kizo.config import PipelineConfig
+from infra.config import PipelineConfig
 
 log = structlog.get_logger("kizo.janitor")
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from kizo.cli import Command, register
-from kizo.config import Config
-from kizo.supervisor import Child, register_child
+from infra.commands import Command
+from infra.config import Config
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
@@ -19,19 +18,11 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 
 def _janitor(config: Config, args: argparse.Namespace) -> int:
     from actors.janitor_main import main
-    from kizo import aio
+    from infra import aio
 
     return aio.run(main(config, once=bool(args.once)))
 
 
-def _children(config: Config) -> list[Child]:
-    port = config.pipeline.janitor_metrics_port
-    return [Child("janitor", ["janitor"], url=f"http://{config.host}:{port}/metrics")]
-
-
-register(
-    Command(
-        "janitor", "re-drive stuck work, resolve the bank, audit, reconcile", _janitor, _configure
-    )
-)
-register_child(_children)
+COMMANDS = [
+    Command("janitor", _janitor, _configure),
+]

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from actors.bank_client import BankClient
 from actors.janitor import JanitorDeps, PassSummary, run_pass
 from actors.routing import QueueSet
-from kizo.config import Config
+from infra.config import Config
 
 log = structlog.get_logger("kizo.janitor")
 

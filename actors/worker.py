@@ -24,8 +24,8 @@ from actors._actor import Limits, Registry
 from actors._committer import Committer
 from actors.bank_client import BankClient
 from actors.routing import SETTLE_JOB, SETTLE_MANY_JOB, QueueSet
-from kizo.config import Config
-from kizo.db import create_pool
+from infra.config import Config
+from infra.db import create_pool
 
 log = structlog.get_logger("kizo.worker")
 

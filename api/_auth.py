@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 
 from api._hashing import HashingUnavailable, HashWorker
 from api._problems import Problem
-from kizo.config import AuthConfig
+from infra.config import AuthConfig
 
 JWT_ALGORITHM = "HS256"
 VERIFYING_KEYS = 2

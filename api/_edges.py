@@ -12,7 +12,7 @@ from quart_rate_limiter import RateLimit, RateLimiter, RateLimitExceeded, rate_l
 from quart_rate_limiter.redis_store import RedisStore
 
 from api._problems import Problem
-from kizo.config import RateLimitConfig
+from infra.config import RateLimitConfig
 
 MINUTE = timedelta(minutes=1)
 CORS_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"

@@ -20,13 +20,13 @@ from api._problems import Problem
 from engine import (
     BANK_SETTLEMENT,
     TRANSACTION_COLUMNS,
+    Conn,
     NewIntent,
     Transaction,
     create_intents,
     open_accounts,
     system_account,
 )
-from engine._types import Conn
 
 IDEMPOTENCY_WAIT_MS = 5000
 PAGE_MAX = 200

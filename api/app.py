@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from quart import Quart, Response, g, request
 from redis.asyncio import Redis
 
-from actors.routing import Coalescer, QueueSet, Routed, actor_account
+from actors import Coalescer, QueueSet, Routed, actor_account
 from api import _service as svc
 from api._auth import Claims, KeyRing, Passwords, RefreshTokens, ensure_key
 from api._edges import cors, install, ip_key
@@ -31,9 +31,9 @@ from api._models import Amount, RefreshBody, Signin, Signup, TransferBody
 from api._openapi import DOCS_PAGE, document
 from api._problems import Problem, from_ledger
 from engine import LedgerError, Transaction, get_balance
-from kizo.config import Config
-from kizo.db import create_pool
-from kizo.migrate import pending_migrations
+from infra.config import Config
+from infra.db import create_pool
+from infra.migrate import pending_migrations
 
 log = structlog.get_logger("kizo.api")
 # A lost or refused connection to PostgreSQL or Redis, or a query past its timeout.

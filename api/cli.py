@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from kizo.cli import Command, UsageError, register
-from kizo.config import Config
-from kizo.supervisor import Child, register_child
+from infra.commands import Command, UsageError
+from infra.config import Config
 
 
 def _configure_api(parser: argparse.ArgumentParser) -> None:
@@ -14,7 +13,7 @@ def _configure_api(parser: argparse.ArgumentParser) -> None:
 
 
 def _api(config: Config, args: argparse.Namespace) -> int:
-    from kizo.serve import serve_asgi
+    from infra.serve import serve_asgi
 
     if not 1 <= args.workers <= 16:
         raise UsageError("--workers must be between 1 and 16")
@@ -30,7 +29,7 @@ def _keys(config: Config, _args: argparse.Namespace) -> int:
     import asyncpg
 
     from api._auth import rotate_key
-    from kizo import aio
+    from infra import aio
 
     async def rotate() -> str:
         conn = await asyncpg.connect(config.pg_url(), timeout=10)
@@ -63,7 +62,7 @@ def _admin(config: Config, args: argparse.Namespace) -> int:
     from api import _service as svc
     from api._auth import Passwords
     from api._problems import Problem
-    from kizo import aio
+    from infra import aio
 
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass()
     if not 8 <= len(password) <= 128:
@@ -89,14 +88,8 @@ def _admin(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _children(config: Config) -> list[Child]:
-    url = f"http://{config.host}:{config.api_port}"
-    return [Child("api", ["api"], ready_port=config.api_port, url=f"{url}/api/v1")]
-
-
-register(Command("api", "serve the REST API", _api, _configure_api))
-register(Command("keys", "manage the JWT signing keys", _keys, _configure_keys))
-register(
-    Command("admin", "create admin users (never through the public API)", _admin, _configure_admin)
-)
-register_child(_children)
+COMMANDS = [
+    Command("keys", _keys, _configure_keys),
+    Command("api", _api, _configure_api),
+    Command("admin", _admin, _configure_admin),
+]

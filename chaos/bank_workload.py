@@ -182,13 +182,18 @@ async def _process(
     members: Sequence[Member],
     p: WorkloadParams,
     deadline: float,
+    faults_done: trio.Event,
 ) -> None:
     rng = random.Random(p.seed * 1_000 + process)
     sent: list[Request] = []
     answered: list[Request] = []  # sent and answered 2xx: their keys are taken
-    for _ in range(p.ops_per_process):
+    done = 0
+    # At least ``ops_per_process`` operations, and more while the fault timeline still runs: a
+    # fault applied after the load had ended would test nothing. The deadline bounds both.
+    while done < p.ops_per_process or not faults_done.is_set():
         if time.monotonic() > deadline:
             return
+        done += 1
         member = rng.choice(members)
         roll = rng.random()
         if roll < 0.1 and sent:  # a retry, after the first answer: must replay
@@ -284,7 +289,8 @@ async def run(
     api_url: str, p: WorkloadParams, during: Callable[[], Awaitable[None]] | None = None
 ) -> tuple[list[Op], list[Member]]:
     """Sign the users up, fund them, then run the processes; returns the history. ``during``
-    (a fault timeline) runs alongside the processes only, and is cancelled when they end."""
+    (a fault timeline) runs alongside the processes only: they keep going until it has run
+    to its end (within ``seconds_max``), and it is cancelled if they end first."""
     rec = Recorder()
     limits = httpx.Limits(max_connections=p.processes * BURST + 8)
     async with httpx.AsyncClient(
@@ -305,12 +311,22 @@ async def run(
                 ),
             )
         deadline = time.monotonic() + p.seconds_max
+        faults_done = trio.Event()
+
+        async def faults() -> None:
+            try:
+                if during is not None:
+                    await during()
+            finally:
+                faults_done.set()
+
         async with trio.open_nursery() as outer:
-            if during is not None:
-                outer.start_soon(during)
+            outer.start_soon(faults)
             async with trio.open_nursery() as nursery:
                 for process in range(p.processes):
-                    nursery.start_soon(_process, client, rec, process, members, p, deadline)
+                    nursery.start_soon(
+                        _process, client, rec, process, members, p, deadline, faults_done
+                    )
             outer.cancel_scope.cancel()
     return sorted(rec.ops, key=lambda op: op.index), members
 

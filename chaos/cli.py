@@ -19,13 +19,13 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from kizo.cli import Command, UsageError, bounded_int, register
-from kizo.config import MUTATIONS, Config
+from infra.commands import Command, UsageError, bounded_int
+from infra.config import MUTATIONS, Config
 
 if TYPE_CHECKING:
     from chaos.bank_workload import WorkloadParams
     from chaos.scenario import Scenario
-    from kizo.system import System
+    from infra.system import System
 
 VIOLATIONS_SHOWN_MAX = 20
 _BANK_FAULT = re.compile(r'^bank_faults_injected_total\{fault="([a-z_]+)"\} ([0-9.e+]+)$', re.M)
@@ -84,7 +84,7 @@ def run(params: WorkloadParams, scenario: Scenario | None, seed: int,
     """One whole run on a scratch system; the report."""
     import trio
 
-    from kizo.system import scratch_system
+    from infra.system import scratch_system
 
     overrides = dict(CHAOS_OVERRIDES)
     if mutation:
@@ -171,4 +171,6 @@ def text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-register(Command("chaos", "run the bank workload and check it (Jepsen-style)", _chaos, _configure))
+COMMANDS = [
+    Command("chaos", _chaos, _configure),
+]

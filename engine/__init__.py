@@ -37,6 +37,7 @@ from engine._errors import (
     UnknownTransaction,
 )
 from engine._ledger import RETRYABLE_SQLSTATES, apply_batch, with_retries
+from engine._types import Conn, Db
 
 __all__ = [
     "BANK_SETTLEMENT",
@@ -49,7 +50,9 @@ __all__ = [
     "Action",
     "Balance",
     "BalanceView",
+    "Conn",
     "CurrencyMismatch",
+    "Db",
     "Finding",
     "Intent",
     "InvalidAmount",

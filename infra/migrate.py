@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine._types import Conn
+from engine import Conn
 
 # An arbitrary constant that names "the Kizo schema" among advisory locks.
 MIGRATION_LOCK_ID = 0x4B495A4F

@@ -1,16 +1,11 @@
-"""``kizo up``: start the whole system in order, watch it, and stop it in reverse order.
-
-Order: PostgreSQL, Valkey (embedded unless DATABASE_URL / REDIS_URL name servers), migrations,
-then the Kizo processes (each a ``kizo <role>`` child), each started once the one before it
-answers. Ctrl-C (SIGINT) or SIGTERM stops the children newest first, then Valkey, then
-PostgreSQL. If any child dies, the whole system stops with a non-zero exit: a half-running
-payments system is worse than a stopped one.
+"""The processes of a Kizo system and the servers under them: which ``kizo <role>`` children
+run, in what order, how one is started (and counted as started), and how they stop. ``kizo up``
+(kizo.supervisor) and the scratch systems of tests, benches and the chaos harness
+(infra.system) both start the system through these functions.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -23,9 +18,9 @@ from typing import IO
 import asyncpg
 
 from engine import ensure_system_accounts
-from kizo.config import Config
-from kizo.migrate import migrate
-from kizo.servers import EmbeddedPostgres, EmbeddedValkey, port_open
+from infra.config import Config
+from infra.migrate import migrate
+from infra.servers import EmbeddedPostgres, EmbeddedValkey, port_open
 
 CHILD_START_TIMEOUT_S = 30.0
 CHILD_STOP_TIMEOUT_S = 20.0
@@ -42,21 +37,28 @@ class Child:
     url: str | None = None
 
 
-ChildFactory = Callable[[Config], list[Child]]
-# Each component registers the processes it runs under ``kizo up``, in start order.
-CHILD_FACTORIES: list[ChildFactory] = []
-
-
-def register_child(factory: ChildFactory) -> None:
-    CHILD_FACTORIES.append(factory)
-
-
 def children(config: Config) -> list[Child]:
-    """The processes ``kizo up`` runs, in start order."""
-    return [child for factory in CHILD_FACTORIES for child in factory(config)]
+    """The processes ``kizo up`` runs, in start order: the fault proxy first (scenarios put it
+    in front of the others), the bank (workers and the janitor call it), the workers, the
+    janitor, and the API last, once everything it hands work to is up. Named here as command
+    lines, not imported, so the supervisor never loads the code its children run."""
+    host = config.host
+    workers = config.workers
+    return [
+        Child("proxy", ["proxy"], ready_port=config.proxy_api_port,
+              url=f"http://{host}:{config.proxy_api_port}"),
+        Child("bank", ["bank"], ready_port=config.bank_port,
+              url=f"http://{host}:{config.bank_port}"),
+        *(Child(f"worker-{i}", ["worker", "--index", str(i), "--of", str(workers)])
+          for i in range(workers)),
+        Child("janitor", ["janitor"],
+              url=f"http://{host}:{config.pipeline.janitor_metrics_port}/metrics"),
+        Child("api", ["api"], ready_port=config.api_port,
+              url=f"http://{host}:{config.api_port}/api/v1"),
+    ]  # fmt: skip
 
 
-def _say(message: str) -> None:
+def say_up(message: str) -> None:
     print(f"kizo up: {message}", flush=True)
 
 
@@ -94,7 +96,7 @@ def start_child(
 
 
 def stop_children(
-    procs: list[tuple[Child, subprocess.Popen[bytes]]], say: Callable[[str], None] = _say
+    procs: list[tuple[Child, subprocess.Popen[bytes]]], say: Callable[[str], None] = say_up
 ) -> None:
     for child, proc in reversed(procs):
         if proc.poll() is None:
@@ -107,47 +109,7 @@ def stop_children(
                 proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
 
 
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum: int, _frame: object) -> None:
-    raise _Stop(signal.Signals(signum).name)
-
-
-def run_up(config: Config, *, exit_after_ready: bool = False) -> int:
-    """Run the system until Ctrl-C; returns the process exit code."""
-    signal.signal(signal.SIGINT, _raise_stop)
-    signal.signal(signal.SIGTERM, _raise_stop)
-    procs: list[tuple[Child, subprocess.Popen[bytes]]] = []
-    with ExitStack() as stack:
-        try:
-            config = start_servers(config, stack)
-            applied = asyncio.run(prepare_database(config.pg_url(), config.ledger.currency))
-            _say(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
-            env = {**os.environ, "DATABASE_URL": config.pg_url(), "REDIS_URL": config.valkey_url()}
-            for child in children(config):
-                _say(f"starting {child.name}")
-                procs.append((child, start_child(child, env)))
-            _print_ready(config, [c for c, _ in procs])
-            if exit_after_ready:
-                return 0
-            return _watch(procs)
-        except _Stop as stop:
-            _say(f"{stop} received, stopping")
-            return 0
-        except Exception as exc:
-            _say(f"error: {exc}")
-            return 1
-        finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            stop_children(procs)
-            _say("stopping servers")
-    return 0
-
-
-def start_servers(config: Config, stack: ExitStack, say: Callable[[str], None] = _say) -> Config:
+def start_servers(config: Config, stack: ExitStack, say: Callable[[str], None] = say_up) -> Config:
     """Start the embedded servers the config asks for (stopped when ``stack`` closes); returns
     the config with their URLs."""
     if config.embedded_postgres:
@@ -163,32 +125,3 @@ def start_servers(config: Config, stack: ExitStack, say: Callable[[str], None] =
         stack.callback(valkey.stop)
         config = config.with_urls(config.pg_url(), valkey.url())
     return config
-
-
-def _redact(url: str) -> str:
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
-
-
-def _print_ready(config: Config, started: list[Child]) -> None:
-    lines = [
-        "ready",
-        f"  PostgreSQL  {_redact(config.pg_url())}",
-        f"  Redis       {_redact(config.valkey_url())}",
-    ]
-    lines += [f"  {c.name:<11} {c.url}" for c in started if c.url]
-    lines.append("  Ctrl-C stops everything")
-    _say("\n".join(lines))
-
-
-def _watch(procs: list[tuple[Child, subprocess.Popen[bytes]]]) -> int:
-    while True:
-        for child, proc in procs:
-            code = proc.poll()
-            if code is not None:
-                _say(f"{child.name} exited with code {code}; stopping everything")
-                return 1
-        time.sleep(POLL_S)

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import httpx
 
-from kizo.config import Config
-from kizo.servers import free_port
-from kizo.supervisor import (
+from infra.config import Config
+from infra.processes import (
     Child,
     children,
     prepare_database,
@@ -30,6 +29,7 @@ from kizo.supervisor import (
     start_servers,
     stop_children,
 )
+from infra.servers import free_port
 
 LOG_TAIL_LINES = 15
 # Processes that never go through the fault proxy: the proxy itself, and the bank (the outside
@@ -111,9 +111,6 @@ def scratch_system(
     and janitor reach PostgreSQL, Redis and the bank through the fault proxy's proxies named
     postgres, redis and bank (the bank and the readers of the final state go direct). If the
     body fails, the tail of each process's log is printed to stderr."""
-    from kizo.cli import load_plugins
-
-    load_plugins()  # each component registers the processes it runs
     with tempfile.TemporaryDirectory(prefix="kizo-system-") as home, ExitStack() as stack:
         env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
         env |= {

@@ -1,4 +1,4 @@
-"""``kizo bench api``: the REST API of a whole scratch system (``kizo.system``), over HTTP.
+"""``kizo bench api``: the REST API of a whole scratch system (``infra.system``), over HTTP.
 
 Method (one run, one machine; the load generator shares the cores with the system):
 1. setup, untimed: ``--users`` sign up, each deposits through the bank; all settle.
@@ -27,9 +27,9 @@ from typing import Any
 
 import asyncpg
 
+from infra.system import System, scratch_system
 from kizo.bench_ledger import run_pgbench
 from kizo.httpload import LoadClient, Reply
-from kizo.system import System, scratch_system
 
 PASSWORD = "bench-password-1"  # noqa: S105 (the bench users' own, made up)
 DEPOSIT = 1_000_000
@@ -284,7 +284,7 @@ async def _measure(system: System, p: ApiBenchParams) -> dict[str, Any]:
 
 
 def run(p: ApiBenchParams) -> dict[str, Any]:
-    from kizo import aio
+    from infra import aio
 
     overrides = {"KIZO_RATE_LIMITS": "off", "KIZO_JANITOR_INTERVAL_S": "30"}
     with scratch_system(overrides) as system:

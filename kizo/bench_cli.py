@@ -6,8 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from kizo.cli import Command, UsageError, bounded_int, register
-from kizo.config import Config
+from infra.commands import Command, UsageError, bounded_int
+from infra.config import Config
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def _bench(config: Config, args: argparse.Namespace) -> int:
 
 
 def _pipeline(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from actors.bench import PipelineBenchParams, run, table
+    from kizo.bench_pipeline import PipelineBenchParams, run, table
 
     params = PipelineBenchParams(
         transfers=args.transfers or 20_000,
@@ -66,7 +66,7 @@ def _pipeline(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any],
 
 
 def _api(_config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from api.bench import ApiBenchParams, run, table
+    from kizo.bench_api import ApiBenchParams, run, table
 
     params = ApiBenchParams(
         users=args.users,
@@ -99,8 +99,6 @@ def _ledger(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], s
     return report, table(report)
 
 
-register(
-    Command(
-        "bench", "measure the ledger, the pipeline or the API against pgbench", _bench, _configure
-    )
-)
+COMMANDS = [
+    Command("bench", _bench, _configure),
+]

@@ -42,9 +42,9 @@ from engine import (
     open_accounts,
     system_account,
 )
-from kizo import aio
-from kizo.migrate import migrate
-from kizo.servers import EmbeddedPostgres, free_port, pg_bin_dir
+from infra import aio
+from infra.migrate import migrate
+from infra.servers import EmbeddedPostgres, free_port, pg_bin_dir
 
 SETUP_CHUNK = 5000
 

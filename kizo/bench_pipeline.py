@@ -37,8 +37,8 @@ from engine import (
     audit,
     create_intents,
 )
+from infra.servers import EmbeddedPostgres, EmbeddedValkey, free_port
 from kizo.bench_ledger import run_pgbench, setup_funded_ledger
-from kizo.servers import EmbeddedPostgres, EmbeddedValkey, free_port
 
 TICK_S = 0.05
 ENQUEUE_CONCURRENCY = 64
@@ -242,7 +242,7 @@ def _report(
 
 def run(p: PipelineBenchParams) -> dict[str, Any]:
     """Runs on embedded servers of its own (a scratch PostgreSQL and Valkey)."""
-    from kizo import aio
+    from infra import aio
 
     with tempfile.TemporaryDirectory(prefix="kizo-bench-") as home:
         pg = EmbeddedPostgres(Path(home) / "pgdata", free_port())
@@ -273,7 +273,7 @@ def run(p: PipelineBenchParams) -> dict[str, Any]:
 
 
 def pg_bin() -> str:
-    from kizo.servers import pg_bin_dir
+    from infra.servers import pg_bin_dir
 
     return str(pg_bin_dir())
 

@@ -1,54 +1,45 @@
 """``kizo``: the one command. Bad input is a one-line message and a non-zero exit, never a trace.
 
-Each subcommand is a function ``(config, args) -> exit code`` registered in ``COMMANDS``; the
-modules behind them are imported only when their command runs, so ``kizo migrate`` does not pay
-for the web stack.
+Every subcommand is named once in ``TABLE`` with its help line and the module that defines it (a
+``COMMANDS`` list of ``infra.commands.Command``). Only the module of the command that runs is
+imported, by name: ``kizo api``, ``kizo worker``, ``kizo janitor`` and ``kizo up`` never load the
+chaos harness, the benches or the load test, and ``kizo migrate`` does not pay for the web stack.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 
-from kizo.config import Config, ConfigError
+from infra.commands import Command, UsageError
+from infra.config import Config, ConfigError
 
-Handler = Callable[[Config, argparse.Namespace], int]
-
-
-@dataclass(frozen=True)
-class Command:
-    name: str
-    help: str
-    handler: Handler
-    configure: Callable[[argparse.ArgumentParser], None] = lambda _parser: None
-
-
-class UsageError(Exception):
-    """Bad input to a command: printed as one line, exit code 2."""
-
-
-def _up(config: Config, args: argparse.Namespace) -> int:
-    from kizo.supervisor import run_up
-
-    return run_up(config, exit_after_ready=bool(args.exit_after_ready))
-
-
-def _configure_up(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--exit-after-ready",
-        action="store_true",
-        help="start everything, print the ready line, then stop (a smoke test)",
-    )
+# name: (module defining it, help), in the order ``kizo --help`` lists them.
+TABLE: dict[str, tuple[str, str]] = {
+    "up": ("kizo.supervisor", "run the whole system until Ctrl-C"),
+    "migrate": ("kizo.cli", "apply pending database migrations"),
+    "db-shell": ("kizo.cli", "open psql on Kizo's database"),
+    "api": ("api.cli", "serve the REST API"),
+    "worker": ("actors.cli", "run a settlement worker"),
+    "janitor": ("actors.janitor_cli", "re-drive stuck work, resolve the bank, audit, reconcile"),
+    "keys": ("api.cli", "manage the JWT signing keys"),
+    "admin": ("api.cli", "create admin users (never through the public API)"),
+    "bank": ("chaos.mockbank.cli", "serve the mock bank (the simulated outside world)"),
+    "bank-faults": ("chaos.mockbank.cli", "show or set the running bank's faults"),
+    "proxy": ("chaos.proxy.cli", "serve the fault proxy (Toxiproxy's HTTP API)"),
+    "chaos": ("chaos.cli", "run the bank workload and check it (Jepsen-style)"),
+    "bench": ("kizo.bench_cli", "run a benchmark and print its figures"),
+    "loadtest": ("kizo.loadtest", "locust against a scratch system, then check settlement"),
+}
 
 
 def _migrate(config: Config, _args: argparse.Namespace) -> int:
-    from kizo import aio
-    from kizo.servers import EmbeddedPostgres
-    from kizo.supervisor import prepare_database
+    from infra import aio
+    from infra.processes import prepare_database
+    from infra.servers import EmbeddedPostgres
 
     pg = None
     if config.embedded_postgres:
@@ -65,88 +56,51 @@ def _migrate(config: Config, _args: argparse.Namespace) -> int:
 
 
 def _db_shell(config: Config, _args: argparse.Namespace) -> int:
-    from kizo.servers import pg_bin_dir
+    from infra.servers import pg_bin_dir
 
     if config.embedded_postgres:
-        from kizo.servers import port_open
+        from infra.servers import port_open
 
         if not port_open(config.host, config.pg_port):
             raise UsageError("embedded PostgreSQL is not running; start it with `kizo up`")
     return subprocess.call([str(pg_bin_dir() / "psql"), config.pg_url()])
 
 
-COMMANDS: list[Command] = [
-    Command("up", "run the whole system until Ctrl-C", _up, _configure_up),
-    Command("migrate", "apply pending database migrations", _migrate),
-    Command("db-shell", "open psql on Kizo's database", _db_shell),
-]
+COMMANDS = [Command("migrate", _migrate), Command("db-shell", _db_shell)]
 
 
-def bounded_int(low: int, high: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer from ``low`` to ``high`` (argparse names the flag)."""
-
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
-        return value
-
-    return parse
+def load_command(name: str) -> Command:
+    """The command ``name`` from its module (imported now, and only now)."""
+    module = importlib.import_module(TABLE[name][0])
+    commands: list[Command] = module.COMMANDS
+    return next(command for command in commands if command.name == name)
 
 
-def register(command: Command) -> None:
-    COMMANDS.append(command)
-
-
-def load_plugins() -> None:
-    """Commands that live with the code they run register themselves on import."""
-    import importlib
-    import importlib.util
-
-    for module in PLUGIN_MODULES:
-        # A component not built yet has no module; one that exists must import cleanly.
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
-
-
-# Modules that call ``register`` (and ``kizo.supervisor.register_child``) at import, in the
-# order ``kizo up`` starts their processes; kept light (no heavy imports at module level).
-PLUGIN_MODULES: list[str] = [
-    "kizo.bench_cli",
-    "kizo.loadtest",
-    "chaos.proxy.cli",
-    "chaos.mockbank.cli",
-    "actors.cli",
-    "actors.janitor_cli",
-    "api.cli",
-    "chaos.cli",
-]
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the ``selected`` command is loaded and gets its options."""
     parser = argparse.ArgumentParser(prog="kizo", description="Kizo wallet settlement engine")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in COMMANDS:
-        child = sub.add_parser(command.name, help=command.help, description=command.help)
-        command.configure(child)
-        child.set_defaults(handler=command.handler)
+    for name, (_module, help_line) in TABLE.items():
+        child = sub.add_parser(name, help=help_line, description=help_line)
+        if name == selected:
+            command = load_command(name)
+            command.configure(child)
+            child.set_defaults(handler=command.handler)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    load_plugins()
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # kizo has no options of its own that take a value: the first word is the command.
+    selected = next((word for word in argv if not word.startswith("-")), None)
+    parser = build_parser(selected if selected in TABLE else None)
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
     try:
         config = Config.from_env(os.environ)
-        handler: Handler = args.handler
-        return handler(config, args)
+        return int(args.handler(config, args))
     except (ConfigError, UsageError) as exc:
         print(f"kizo: {exc}", file=sys.stderr)
         return 2
@@ -156,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run through the canonical module: under ``python -m`` this file is ``__main__``, and the
-    # plugins register their commands on ``kizo.cli``, not on this copy.
+    # table names ``kizo.cli`` for its own commands.
     from kizo.cli import main as canonical_main
 
     raise SystemExit(canonical_main())

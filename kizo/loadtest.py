@@ -22,8 +22,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from kizo.cli import Command, bounded_int, register
-from kizo.config import Config
+from infra.commands import Command, bounded_int
+from infra.config import Config
 
 LOCUSTFILE = Path(__file__).resolve().parents[1] / "loadtests" / "locustfile.py"
 SETTLE_WAIT_S_MAX = 120.0
@@ -98,8 +98,8 @@ def _merchant(api_url: str) -> str:
 
 
 def run(users: int, seconds: int, spawn_rate: int, merchant_share: int) -> dict[str, Any]:
-    from kizo import aio
-    from kizo.system import scratch_system
+    from infra import aio
+    from infra.system import scratch_system
 
     with scratch_system({"KIZO_RATE_LIMITS": "off"}) as system, \
             tempfile.TemporaryDirectory(prefix="kizo-load-") as tmp:  # fmt: skip
@@ -188,5 +188,8 @@ def _loadtest(_config: Config, args: argparse.Namespace) -> int:
     return 0 if ok(report) else 1
 
 
-register(Command("loadtest", "locust against a scratch system, then check settlement",
-                 _loadtest, _configure))  # fmt: skip
+
+
+COMMANDS = [
+    Command("loadtest", _loadtest, _configure),
+]

@@ -10,6 +10,7 @@ import asyncpg
 from engine import (
     BANK_SETTLEMENT,
     Action,
+    Conn,
     NewIntent,
     Op,
     apply_batch,
@@ -17,7 +18,6 @@ from engine import (
     open_accounts,
     system_account,
 )
-from engine._types import Conn
 
 CUR = "USD"
 MAX = 1_000_000

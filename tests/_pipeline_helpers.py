@@ -18,7 +18,7 @@ from actors.bank_client import BankClient
 from actors.janitor import JanitorDeps, PassSummary, run_pass
 from actors.routing import QueueSet, Routed, actor_account
 from engine import BANK_SETTLEMENT, Action, NewIntent, Op, apply_batch, system_account
-from kizo.config import PipelineConfig
+from infra.config import PipelineConfig
 from tests._ledger_helpers import funded, intents
 from tests.conftest import ServerSet, kizo_env
 

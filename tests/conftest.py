@@ -28,8 +28,8 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from engine import ensure_system_accounts
-from kizo.migrate import migrate
-from kizo.servers import EmbeddedPostgres, EmbeddedValkey, free_port
+from infra.migrate import migrate
+from infra.servers import EmbeddedPostgres, EmbeddedValkey, free_port
 
 CURRENCY = "USD"
 TEMPLATE_DB = "kizo_template"

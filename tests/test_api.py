@@ -20,7 +20,7 @@ import pytest_asyncio
 from quart.typing import TestClientProtocol as Client
 
 from api.app import KEYRING_TTL_S, create_app
-from kizo.config import Config, RateLimitConfig
+from infra.config import Config, RateLimitConfig
 from tests.conftest import ServerSet, kizo_env, unique_email
 
 

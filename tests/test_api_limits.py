@@ -14,8 +14,8 @@ import pytest_asyncio
 from quart.typing import TestClientProtocol as Client
 
 from api.app import create_app
-from kizo.config import Config, RateLimitConfig
-from kizo.servers import free_port
+from infra.config import Config, RateLimitConfig
+from infra.servers import free_port
 from tests.conftest import ServerSet, kizo_env, stop_process, unique_email, wait_http
 
 

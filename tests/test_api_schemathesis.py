@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
-from kizo.servers import free_port
+from infra.servers import free_port
 from tests.conftest import (
     ServerSet,
     kizo_env,

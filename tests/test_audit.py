@@ -12,13 +12,13 @@ from engine import (
     BANK_SETTLEMENT,
     CHECKS,
     Action,
+    Conn,
     NewIntent,
     Op,
     apply_batch,
     audit,
     system_account,
 )
-from engine._types import Conn
 from tests._ledger_helpers import funded, intents
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from chaos import bank_workload as workload
 from chaos.checker import ApiView, FinalState, LedgerTxn, Op, Violation, check
-from kizo.system import System, scratch_system
+from infra.system import System, scratch_system
 
 A, B = "acct-a", "acct-b"
 UA, UB = "user-a", "user-b"

@@ -16,8 +16,9 @@ import psutil
 import pytest
 import redis
 
+from infra.servers import free_port
 from kizo.bench_ledger import LedgerBenchParams, bench_on_server
-from kizo.servers import free_port
+from tests._imports import recorded_modules, recording_env
 from tests.conftest import ServerSet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ async def test_bench_ledger_measures_both_workloads_and_pgbench(servers: ServerS
 def test_bench_api_compares_payment_latency_with_and_without_a_signin_flood() -> None:
     """The comparison's machinery on a small run; no figure is judged here (benchmarks print
     them, docs/benchmarks.md)."""
-    from api.bench import ApiBenchParams, run
+    from kizo.bench_api import ApiBenchParams, run
 
     params = ApiBenchParams(users=6, clients=4, seconds=1, rate=40, flood=3, windows=2,
                             window_seconds=1, pgbench_seconds=1)  # fmt: skip
@@ -166,6 +167,9 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
     }
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
+    records = Path(home) / "modules"
+    records.mkdir()
+    env = recording_env(records, env)
     proc = subprocess.Popen(
         [sys.executable, "-m", "kizo.cli", "up"],
         cwd=ROOT,
@@ -205,5 +209,9 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
             proc.wait(timeout=30)
     assert proc.returncode == 0, rest
     assert "stopping servers" in rest
+    # kizo up itself (its children include the bank and the proxy, which are the harness's)
+    loaded = recorded_modules(records, proc.pid)
+    assert "kizo.supervisor" in loaded, loaded
+    assert not [m for m in loaded if m.startswith("chaos")], f"kizo up loaded {sorted(loaded)}"
     _gone, alive = psutil.wait_procs(servers, timeout=30)
     assert alive == [], f"left running: {alive}"

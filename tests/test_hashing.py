@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from api._auth import Passwords
 from api._problems import Problem
-from kizo.config import AuthConfig
+from infra.config import AuthConfig
 
 # The OWASP configuration with the least memory: quick, and still a legal setting.
 CONFIG = dataclasses.replace(AuthConfig(), argon2_memory_kib=7_168, argon2_time_cost=5)

@@ -19,8 +19,8 @@ from redis.asyncio import Redis
 from actors.janitor import JanitorDeps, run_pass
 from actors.routing import QueueSet, queue_name, shard_for
 from engine import BANK_SETTLEMENT, Action, NewIntent, Op, apply_batch, system_account
-from kizo.config import PipelineConfig
-from kizo.servers import free_port
+from infra.config import PipelineConfig
+from infra.servers import free_port
 from tests._ledger_helpers import intents
 from tests._pipeline_helpers import bank_funded, janitor_deps
 from tests.conftest import BankProcess, ServerSet, kizo_env

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from kizo.migrate import MigrationError, load_migrations, migrate
+from infra.migrate import MigrationError, load_migrations, migrate
 from tests.conftest import ServerSet
 
 

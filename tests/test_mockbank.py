@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from chaos.mockbank.settings import bank_database_url
-from kizo.config import Config
-from kizo.servers import free_port
+from infra.config import Config
+from infra.servers import free_port
 from tests.conftest import ServerSet, stop_process, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent

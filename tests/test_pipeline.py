@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from actors.routing import Coalescer, QueueSet, Routed
 from engine import BANK_SETTLEMENT, NewIntent, audit, system_account
-from kizo.servers import free_port
+from infra.servers import free_port
 from tests._ledger_helpers import funded, intents
 from tests._pipeline_helpers import SHARDS, enqueue, start_worker, stop_worker, wait_final
 from tests.conftest import ServerSet

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from actors.janitor import JanitorDeps, run_pass
 from actors.routing import QueueSet
 from engine import BANK_SETTLEMENT, NewIntent, system_account
-from kizo.config import PipelineConfig
+from infra.config import PipelineConfig
 from tests._ledger_helpers import intents
 from tests._pipeline_helpers import (
     SHARDS,

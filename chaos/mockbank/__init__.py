@@ -3,7 +3,7 @@
 Public surface: ``BankSettings`` and ``settings_from_env`` / ``bank_database_url``
 (``chaos.mockbank.settings``), ``create_app`` / ``create_asgi`` (``chaos.mockbank.app``),
 ``serve`` (``chaos.mockbank.server``), ``Faults`` (``chaos.mockbank.faults``). They load on first
-use: ``kizo.cli`` imports this package to register its commands and must stay fast.
+use: ``kizo bank`` imports this package and must stay light.
 """
 
 from __future__ import annotations

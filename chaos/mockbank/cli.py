@@ -13,9 +13,8 @@ import os
 import sys
 from typing import Any
 
-from kizo.cli import Command, UsageError, register
-from kizo.config import Config
-from kizo.supervisor import Child, register_child
+from infra.commands import Command, UsageError
+from infra.config import Config
 
 FAULTS_TIMEOUT_S = 5.0
 LATENCY_MAX_MS = 10_000
@@ -27,8 +26,8 @@ def _serve(config: Config, _args: argparse.Namespace) -> int:
 
     from chaos.mockbank.server import ServeError, configure_logging, serve
     from chaos.mockbank.settings import settings_from_env
-    from kizo import aio
-    from kizo.migrate import MigrationError
+    from infra import aio
+    from infra.migrate import MigrationError
 
     settings = settings_from_env(config, os.environ)
     configure_logging()
@@ -113,13 +112,7 @@ def _detail(response: Any) -> str:
         return str(response.text)[:200]
 
 
-def _children(config: Config) -> list[Child]:
-    url = f"http://{config.host}:{config.bank_port}"
-    return [Child("bank", ["bank"], ready_port=config.bank_port, url=url)]
-
-
-register(Command("bank", "serve the mock bank (the simulated outside world)", _serve))
-register(
-    Command("bank-faults", "show or set the running bank's faults", _faults, _configure_faults)
-)
-register_child(_children)
+COMMANDS = [
+    Command("bank-faults", _faults, _configure_faults),
+    Command("bank", _serve),
+]

@@ -19,7 +19,7 @@ import structlog
 from chaos.mockbank import store
 from chaos.mockbank.app import create_asgi
 from chaos.mockbank.settings import BankSettings, database_name, with_database
-from kizo.migrate import migrate
+from infra.migrate import migrate
 
 STOP_TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 10.0

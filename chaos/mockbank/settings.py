@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from kizo.config import Config, ConfigError
+from infra.config import Config, ConfigError
 
 BANK_DATABASE = "bank"
 DropMode = Literal["reset", "hold"]

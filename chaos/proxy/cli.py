@@ -13,9 +13,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from kizo.cli import Command, bounded_int, register
-from kizo.config import Config
-from kizo.supervisor import Child, register_child
+from infra.commands import Command, bounded_int
+from infra.config import Config
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
@@ -49,10 +48,6 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _children(config: Config) -> list[Child]:
-    url = f"http://{config.host}:{config.proxy_api_port}"
-    return [Child("proxy", ["proxy"], ready_port=config.proxy_api_port, url=url)]
-
-
-register(Command("proxy", "serve the fault proxy (Toxiproxy's HTTP API)", _serve, _configure))
-register_child(_children)
+COMMANDS = [
+    Command("proxy", _serve, _configure),
+]

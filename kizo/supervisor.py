@@ -1,0 +1,115 @@
+"""``kizo up``: start the whole system in order, watch it, and stop it in reverse order.
+
+Order: PostgreSQL, Valkey (embedded unless DATABASE_URL / REDIS_URL name servers), migrations,
+then the Kizo processes (each a ``kizo <role>`` child, see ``infra.processes.children``), each
+started once the one before it serves. Ctrl-C (SIGINT) or SIGTERM stops the children newest
+first, then Valkey, then PostgreSQL. If any child dies, the whole system stops with a non-zero
+exit: a half-running payments system is worse than a stopped one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from contextlib import ExitStack
+
+from infra.commands import Command
+from infra.config import Config
+from infra.processes import (
+    POLL_S,
+    Child,
+    children,
+    prepare_database,
+    say_up,
+    start_child,
+    start_servers,
+    stop_children,
+)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def run_up(config: Config, *, exit_after_ready: bool = False) -> int:
+    """Run the system until Ctrl-C; returns the process exit code."""
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    procs: list[tuple[Child, subprocess.Popen[bytes]]] = []
+    with ExitStack() as stack:
+        try:
+            config = start_servers(config, stack)
+            applied = asyncio.run(prepare_database(config.pg_url(), config.ledger.currency))
+            say_up(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
+            env = {**os.environ, "DATABASE_URL": config.pg_url(), "REDIS_URL": config.valkey_url()}
+            for child in children(config):
+                say_up(f"starting {child.name}")
+                procs.append((child, start_child(child, env)))
+            _print_ready(config, [c for c, _ in procs])
+            if exit_after_ready:
+                return 0
+            return _watch(procs)
+        except _Stop as stop:
+            say_up(f"{stop} received, stopping")
+            return 0
+        except Exception as exc:
+            say_up(f"error: {exc}")
+            return 1
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            stop_children(procs)
+            say_up("stopping servers")
+    return 0
+
+
+def _redact(url: str) -> str:
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
+
+
+def _print_ready(config: Config, started: list[Child]) -> None:
+    lines = [
+        "ready",
+        f"  PostgreSQL  {_redact(config.pg_url())}",
+        f"  Redis       {_redact(config.valkey_url())}",
+    ]
+    lines += [f"  {c.name:<11} {c.url}" for c in started if c.url]
+    lines.append("  Ctrl-C stops everything")
+    say_up("\n".join(lines))
+
+
+def _watch(procs: list[tuple[Child, subprocess.Popen[bytes]]]) -> int:
+    while True:
+        for child, proc in procs:
+            code = proc.poll()
+            if code is not None:
+                say_up(f"{child.name} exited with code {code}; stopping everything")
+                return 1
+        time.sleep(POLL_S)
+
+
+def _up(config: Config, args: argparse.Namespace) -> int:
+    return run_up(config, exit_after_ready=bool(args.exit_after_ready))
+
+
+def _configure_up(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--exit-after-ready",
+        action="store_true",
+        help="start everything, print the ready line, then stop (a smoke test)",
+    )
+
+
+COMMANDS = [Command("up", _up, _configure_up)]
