@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from kizo.cli import Command, UsageError, register
+from kizo.cli import Command, UsageError, bounded_int, register
 from kizo.config import Config
 from kizo.supervisor import Child, register_child
 
@@ -14,6 +14,12 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", help="comma-separated shard numbers to own (default: all)")
     parser.add_argument("--index", type=int, default=0, help="this worker's index (with --of)")
     parser.add_argument("--of", type=int, default=1, help="how many workers share the shards")
+    parser.add_argument(
+        "--metrics-port",
+        type=bounded_int(0, 65535),
+        default=0,
+        help="serve /metrics on this port once consuming (kizo up sets it; default: none)",
+    )
 
 
 def _shards(config: Config, args: argparse.Namespace) -> list[int]:
@@ -42,14 +48,21 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
         config.valkey_url(),
         config.bank_url(),
         _shards(config, args),
+        args.metrics_port,
     )
     aio.run(main(config, spec))
     return 0
 
 
 def _children(config: Config) -> list[Child]:
-    n = config.workers
-    return [Child(f"worker-{i}", ["worker", "--index", str(i), "--of", str(n)]) for i in range(n)]
+    # Each worker serves its metrics on a port of its own: the base plus its index.
+    n, base = config.workers, config.pipeline.worker_metrics_port
+    return [_worker_child(config.host, i, n, base + i) for i in range(n)]
+
+
+def _worker_child(host: str, index: int, of: int, port: int) -> Child:
+    args = ["worker", "--index", str(index), "--of", str(of), "--metrics-port", str(port)]
+    return Child(f"worker-{index}", args, f"http://{host}:{port}/metrics")
 
 
 register(Command("worker", "run a settlement worker", _worker, _configure))

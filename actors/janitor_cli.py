@@ -25,8 +25,8 @@ def _janitor(config: Config, args: argparse.Namespace) -> int:
 
 
 def _children(config: Config) -> list[Child]:
-    port = config.pipeline.janitor_metrics_port
-    return [Child("janitor", ["janitor"], url=f"http://{config.host}:{port}/metrics")]
+    url = f"http://{config.host}:{config.pipeline.janitor_metrics_port}/metrics"
+    return [Child("janitor", ["janitor"], url, url)]
 
 
 register(

@@ -91,7 +91,7 @@ def _admin(config: Config, args: argparse.Namespace) -> int:
 
 def _children(config: Config) -> list[Child]:
     url = f"http://{config.host}:{config.api_port}"
-    return [Child("api", ["api"], ready_port=config.api_port, url=f"{url}/api/v1")]
+    return [Child("api", ["api"], f"{url}/health", f"{url}/api/v1")]
 
 
 register(Command("api", "serve the REST API", _api, _configure_api))

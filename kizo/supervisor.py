@@ -2,7 +2,8 @@
 
 Order: PostgreSQL, Valkey (embedded unless DATABASE_URL / REDIS_URL name servers), migrations,
 then the Kizo processes (each a ``kizo <role>`` child), each started once the one before it
-answers. Ctrl-C (SIGINT) or SIGTERM stops the children newest first, then Valkey, then
+serves: a server answers a query or PING, a process answers its health route with 200 (see
+``kizo.readiness``). Ctrl-C (SIGINT) or SIGTERM stops the children newest first, then Valkey, then
 PostgreSQL. If any child dies, the whole system stops with a non-zero exit: a half-running
 payments system is worse than a stopped one.
 """
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 import asyncpg
@@ -25,7 +27,8 @@ import asyncpg
 from engine import ensure_system_accounts
 from kizo.config import Config
 from kizo.migrate import migrate
-from kizo.servers import EmbeddedPostgres, EmbeddedValkey, port_open
+from kizo.readiness import http_probe, wait_ready
+from kizo.servers import EmbeddedPostgres, EmbeddedValkey
 
 CHILD_START_TIMEOUT_S = 30.0
 CHILD_STOP_TIMEOUT_S = 20.0
@@ -34,11 +37,12 @@ POLL_S = 0.2
 
 @dataclass(frozen=True)
 class Child:
-    """One Kizo process: ``kizo <args>``, ready when ``ready_port`` accepts connections."""
+    """One Kizo process: ``kizo <args>``, started once ``health_url`` answers 200; ``url`` is
+    what ``kizo up`` shows for it."""
 
     name: str
     args: Sequence[str]
-    ready_port: int | None = None
+    health_url: str
     url: str | None = None
 
 
@@ -73,8 +77,9 @@ async def prepare_database(url: str, currency: str) -> list[str]:
 def start_child(
     child: Child, env: dict[str, str], log: IO[bytes] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start ``kizo <child.args>`` and wait (bounded) until it accepts connections; its output
-    goes to ``log`` when given, else to the terminal."""
+    """Start ``kizo <child.args>`` and wait (bounded) until it serves its health route; its
+    output goes to ``log`` when given, else to the terminal. A child that does not serve is
+    stopped, and the error names its log."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "kizo.cli", *child.args],
         env=env,
@@ -83,14 +88,24 @@ def start_child(
         stderr=log,
         start_new_session=True,  # the supervisor, not the terminal, decides when it stops
     )
-    deadline = time.monotonic() + CHILD_START_TIMEOUT_S
-    while child.ready_port is not None and not port_open("127.0.0.1", child.ready_port):
-        if proc.poll() is not None:
-            raise RuntimeError(f"{child.name} exited with code {proc.returncode} while starting")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{child.name} did not open port {child.ready_port} in time")
-        time.sleep(POLL_S)
+    log_path = Path(log.name) if log is not None and isinstance(log.name, str) else None
+    try:
+        wait_ready(child.name, http_probe(child.health_url), proc=proc, log=log_path,
+                   timeout_s=CHILD_START_TIMEOUT_S)  # fmt: skip
+    except BaseException:
+        _stop_child(proc)
+        raise
     return proc
+
+
+def _stop_child(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
 
 
 def stop_children(
@@ -99,12 +114,7 @@ def stop_children(
     for child, proc in reversed(procs):
         if proc.poll() is None:
             say(f"stopping {child.name}")
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
+            _stop_child(proc)
 
 
 class _Stop(Exception):
@@ -147,20 +157,25 @@ def run_up(config: Config, *, exit_after_ready: bool = False) -> int:
     return 0
 
 
-def start_servers(config: Config, stack: ExitStack, say: Callable[[str], None] = _say) -> Config:
-    """Start the embedded servers the config asks for (stopped when ``stack`` closes); returns
-    the config with their URLs."""
+def start_servers(
+    config: Config, stack: ExitStack, say: Callable[[str], None] = _say, *, scratch: bool = False
+) -> Config:
+    """Start the embedded servers the config asks for, each serving before this returns; they
+    stop when ``stack`` closes (a server that failed to start included), and ``scratch``
+    servers' data is deleted then too. Returns the config with their URLs."""
     if config.embedded_postgres:
         pg = EmbeddedPostgres(config.pg_data_dir, config.pg_port, fsync=config.pg_fsync)
+        if scratch:
+            stack.callback(pg.remove_data)
+        stack.callback(pg.stop)
         say(f"starting PostgreSQL (data in {pg.data_dir})")
         pg.start()
-        stack.callback(pg.stop)
         config = config.with_urls(pg.url(), config.redis_url)
     if config.embedded_redis:
         valkey = EmbeddedValkey(config.redis_data_dir, config.redis_port)
+        stack.callback(valkey.stop)
         say(f"starting Valkey (data in {valkey.data_dir})")
         valkey.start()
-        stack.callback(valkey.stop)
         config = config.with_urls(config.pg_url(), valkey.url())
     return config
 

@@ -115,7 +115,7 @@ def _detail(response: Any) -> str:
 
 def _children(config: Config) -> list[Child]:
     url = f"http://{config.host}:{config.bank_port}"
-    return [Child("bank", ["bank"], ready_port=config.bank_port, url=url)]
+    return [Child("bank", ["bank"], f"{url}/health", url)]
 
 
 register(Command("bank", "serve the mock bank (the simulated outside world)", _serve))

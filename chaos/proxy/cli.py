@@ -51,7 +51,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
 def _children(config: Config) -> list[Child]:
     url = f"http://{config.host}:{config.proxy_api_port}"
-    return [Child("proxy", ["proxy"], ready_port=config.proxy_api_port, url=url)]
+    return [Child("proxy", ["proxy"], f"{url}/version", url)]  # Toxiproxy has no /health
 
 
 register(Command("proxy", "serve the fault proxy (Toxiproxy's HTTP API)", _serve, _configure))
