@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -17,7 +19,7 @@ import pytest
 import redis
 
 from kizo.bench_ledger import LedgerBenchParams, bench_on_server
-from kizo.servers import free_port
+from kizo.servers import EmbeddedPostgres, free_port
 from tests.conftest import ServerSet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +162,7 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         "KIZO_API_PORT": str(free_port()),
         "KIZO_BANK_PORT": str(free_port()),
         "KIZO_JANITOR_METRICS_PORT": str(free_port()),
+        "KIZO_WORKER_METRICS_PORT": str(free_port()),
         "KIZO_PROXY_API_PORT": str(free_port()),
         "KIZO_PROXY_FILE": str(proxy_file),
         "KIZO_PG_FSYNC": "off",
@@ -192,6 +195,8 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         for child in ("proxy", "bank", "worker-0", "janitor", "api"):
             assert f"starting {child}" in output
         _deposit_settles_end_to_end(f"http://127.0.0.1:{env['KIZO_API_PORT']}")
+        worker = httpx.get(f"http://127.0.0.1:{env['KIZO_WORKER_METRICS_PORT']}/metrics", timeout=5)
+        assert "kizo_worker_shards_owned 8.0" in worker.text
         _valkey_answers_through_the_fault_proxy(env)
         servers = _descendants_alive(proc.pid)
         names = " ".join(p.name() for p in servers)
@@ -203,7 +208,11 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+        home_mode = stat.S_IMODE(Path(home).stat().st_mode)
+        EmbeddedPostgres(Path(home) / "pgdata", 0).remove_data()
+        shutil.rmtree(home)
     assert proc.returncode == 0, rest
     assert "stopping servers" in rest
+    assert home_mode == 0o700, "kizo up changed the permissions of its (private) home"
     _gone, alive = psutil.wait_procs(servers, timeout=30)
     assert alive == [], f"left running: {alive}"
