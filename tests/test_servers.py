@@ -205,3 +205,24 @@ def test_a_child_that_exits_while_starting_is_named_with_its_log(tmp_path: Path)
     assert headline.startswith("janitor exited with code 1 while starting")
     assert headline.endswith(f"; log: {tmp_path / 'janitor.log'}")
     assert rest, "the log's tail follows the headline"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's server keeps its data elsewhere")
+def test_data_kept_in_the_home_by_an_earlier_kizo_moves_to_the_server_users_place(
+    tmp_path: Path, system_dir: Path
+) -> None:
+    pg = EmbeddedPostgres(tmp_path / "pgdata", free_port(), fsync=False, system_dir=system_dir)
+    try:
+        pg.start()
+        _execute(pg.url(), "CREATE TABLE kept (v int); INSERT INTO kept VALUES (7)")
+        pg.stop()
+        # As an earlier Kizo left it: the data directory itself in the home, not a symlink.
+        place = (tmp_path / "pgdata").readlink()
+        (tmp_path / "pgdata").unlink()
+        shutil.move(place, tmp_path / "pgdata")
+        pg.start()
+        assert _query(pg.url(), "SELECT v FROM kept") == 7
+        assert (tmp_path / "pgdata").readlink() == place
+    finally:
+        pg.stop()
+        pg.remove_data()
