@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from infra.commands import Command, UsageError
+from infra.commands import Command, UsageError, bounded_int
 from infra.config import Config
 
 
@@ -13,6 +13,12 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", help="comma-separated shard numbers to own (default: all)")
     parser.add_argument("--index", type=int, default=0, help="this worker's index (with --of)")
     parser.add_argument("--of", type=int, default=1, help="how many workers share the shards")
+    parser.add_argument(
+        "--metrics-port",
+        type=bounded_int(0, 65535),
+        default=0,
+        help="serve /metrics on this port once consuming (kizo up sets it; default: none)",
+    )
 
 
 def _shards(config: Config, args: argparse.Namespace) -> list[int]:
@@ -41,6 +47,7 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
         config.valkey_url(),
         config.bank_url(),
         _shards(config, args),
+        args.metrics_port,
     )
     aio.run(main(config, spec))
     return 0

@@ -53,8 +53,7 @@ async def main(config: Config, *, once: bool) -> int:
             for f in summary.findings:
                 print(f"finding {f.kind} {f.subject}: {f.detail}")
             return 1 if summary.findings else 0
-        if p.janitor_metrics_port:
-            start_http_server(p.janitor_metrics_port, addr=config.host)
+        start_http_server(p.janitor_metrics_port, addr=config.host)
         await _loop(deps, p.janitor_interval_s)
         return 0
     finally:

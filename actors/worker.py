@@ -3,6 +3,10 @@
 One event loop (uvloop), one asyncio.TaskGroup owning everything. SIGTERM / SIGINT stop the SAQ
 consumers first (in-flight jobs get a grace period to finish: their batches commit or roll back
 as a whole), then the committer and the actors, then the pools.
+
+Its only port is a small Prometheus endpoint (``spec.metrics_port``; every path answers with the
+metrics), opened once the pools and consumers are up: ``kizo up`` counts the worker started when
+it answers there.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from prometheus_client import Gauge, start_http_server
 from redis.asyncio import Redis
 from saq import Worker
 from saq.types import Context, PartialTimersDict
@@ -36,6 +41,7 @@ SHUTDOWN_GRACE_S = 3
 SHARD_CONCURRENCY_MIN = 20
 SWEEP_INTERVAL_S = 5
 UPKEEP_CONNECTIONS = 8
+SHARDS_OWNED = Gauge("kizo_worker_shards_owned", "Shards this worker consumes")
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class WorkerSpec:
     redis_url: str
     bank_url: str
     shards: Sequence[int]
+    metrics_port: int = 0  # 0: no metrics endpoint (workers started inside tests)
 
 
 def owned_shards(total: int, index: int, of: int) -> list[int]:
@@ -101,6 +108,11 @@ async def run_worker(config: Config, spec: WorkerSpec, stop: asyncio.Event) -> N
             for w in workers:
                 tg.create_task(w.start())
             log.info("worker_started", shards=list(spec.shards))
+            if spec.metrics_port:
+                await redis.ping()  # the pool proved PostgreSQL; serve only once Redis answers
+                SHARDS_OWNED.set(len(spec.shards))
+                # A daemon thread: it ends with the process, which ends when this returns.
+                start_http_server(spec.metrics_port, addr=config.host)
             await stop.wait()
             log.info("worker_stopping")
             await asyncio.gather(*(w.stop() for w in workers))

@@ -101,6 +101,7 @@ class PipelineConfig:
     reconcile_grace_s: float = 60.0
     janitor_batch_max: int = 1000
     janitor_metrics_port: int = 8201
+    worker_metrics_port: int = 8210  # worker i of kizo up serves /metrics on this port + i
     bank_timeout_s: float = 5.0
     bank_retries_max: int = 3
 
@@ -253,7 +254,8 @@ class Config:
             redrive_attempts_max=_int(env, "KIZO_REDRIVE_ATTEMPTS_MAX", 10, low=1, high=1000),
             resolve_after_s=_float(env, "KIZO_RESOLVE_AFTER_S", 30.0, low=0.0, high=86_400),
             reconcile_grace_s=_float(env, "KIZO_RECONCILE_GRACE_S", 60.0, low=0.0, high=86_400),
-            janitor_metrics_port=_int(env, "KIZO_JANITOR_METRICS_PORT", 8201, low=0, high=65535),
+            janitor_metrics_port=_int(env, "KIZO_JANITOR_METRICS_PORT", 8201, low=1, high=65535),
+            worker_metrics_port=_int(env, "KIZO_WORKER_METRICS_PORT", 8210, low=1, high=65535 - 64),
             bank_timeout_s=_float(env, "KIZO_BANK_TIMEOUT_S", 5.0, low=0.05, high=120),
         )
         auth = _auth(env)

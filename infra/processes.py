@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 import asyncpg
@@ -20,7 +21,8 @@ import asyncpg
 from engine import ensure_system_accounts
 from infra.config import Config
 from infra.migrate import migrate
-from infra.servers import EmbeddedPostgres, EmbeddedValkey, port_open
+from infra.readiness import http_probe, wait_ready
+from infra.servers import EmbeddedPostgres, EmbeddedValkey
 
 CHILD_START_TIMEOUT_S = 30.0
 CHILD_STOP_TIMEOUT_S = 20.0
@@ -29,11 +31,12 @@ POLL_S = 0.2
 
 @dataclass(frozen=True)
 class Child:
-    """One Kizo process: ``kizo <args>``, ready when ``ready_port`` accepts connections."""
+    """One Kizo process: ``kizo <args>``, started once ``health_url`` answers 200; ``url`` is
+    what ``kizo up`` shows for it."""
 
     name: str
     args: Sequence[str]
-    ready_port: int | None = None
+    health_url: str
     url: str | None = None
 
 
@@ -42,20 +45,26 @@ def children(config: Config) -> list[Child]:
     in front of the others), the bank (workers and the janitor call it), the workers, the
     janitor, and the API last, once everything it hands work to is up. Named here as command
     lines, not imported, so the supervisor never loads the code its children run."""
-    host = config.host
-    workers = config.workers
+    host, workers = config.host, config.workers
+    proxy = f"http://{host}:{config.proxy_api_port}"
+    bank = f"http://{host}:{config.bank_port}"
+    janitor = f"http://{host}:{config.pipeline.janitor_metrics_port}/metrics"
+    api = f"http://{host}:{config.api_port}"
     return [
-        Child("proxy", ["proxy"], ready_port=config.proxy_api_port,
-              url=f"http://{host}:{config.proxy_api_port}"),
-        Child("bank", ["bank"], ready_port=config.bank_port,
-              url=f"http://{host}:{config.bank_port}"),
-        *(Child(f"worker-{i}", ["worker", "--index", str(i), "--of", str(workers)])
+        # Toxiproxy's API has no health route; its version answers once it serves.
+        Child("proxy", ["proxy"], f"{proxy}/version", proxy),
+        Child("bank", ["bank"], f"{bank}/health", bank),
+        # Each worker serves its metrics on a port of its own: the base plus its index.
+        *(_worker(host, i, workers, config.pipeline.worker_metrics_port + i)
           for i in range(workers)),
-        Child("janitor", ["janitor"],
-              url=f"http://{host}:{config.pipeline.janitor_metrics_port}/metrics"),
-        Child("api", ["api"], ready_port=config.api_port,
-              url=f"http://{host}:{config.api_port}/api/v1"),
+        Child("janitor", ["janitor"], janitor, janitor),
+        Child("api", ["api"], f"{api}/health", f"{api}/api/v1"),
     ]  # fmt: skip
+
+
+def _worker(host: str, index: int, of: int, port: int) -> Child:
+    args = ["worker", "--index", str(index), "--of", str(of), "--metrics-port", str(port)]
+    return Child(f"worker-{index}", args, f"http://{host}:{port}/metrics")
 
 
 def say_up(message: str) -> None:
@@ -75,8 +84,9 @@ async def prepare_database(url: str, currency: str) -> list[str]:
 def start_child(
     child: Child, env: dict[str, str], log: IO[bytes] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start ``kizo <child.args>`` and wait (bounded) until it accepts connections; its output
-    goes to ``log`` when given, else to the terminal."""
+    """Start ``kizo <child.args>`` and wait (bounded) until it serves its health route; its
+    output goes to ``log`` when given, else to the terminal. A child that does not serve is
+    stopped, and the error names its log."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "kizo.cli", *child.args],
         env=env,
@@ -85,14 +95,24 @@ def start_child(
         stderr=log,
         start_new_session=True,  # the supervisor, not the terminal, decides when it stops
     )
-    deadline = time.monotonic() + CHILD_START_TIMEOUT_S
-    while child.ready_port is not None and not port_open("127.0.0.1", child.ready_port):
-        if proc.poll() is not None:
-            raise RuntimeError(f"{child.name} exited with code {proc.returncode} while starting")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{child.name} did not open port {child.ready_port} in time")
-        time.sleep(POLL_S)
+    log_path = Path(log.name) if log is not None and isinstance(log.name, str) else None
+    try:
+        wait_ready(child.name, http_probe(child.health_url), proc=proc, log=log_path,
+                   timeout_s=CHILD_START_TIMEOUT_S)  # fmt: skip
+    except BaseException:
+        _stop_child(proc)
+        raise
     return proc
+
+
+def _stop_child(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
 
 
 def stop_children(
@@ -101,27 +121,29 @@ def stop_children(
     for child, proc in reversed(procs):
         if proc.poll() is None:
             say(f"stopping {child.name}")
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
+            _stop_child(proc)
 
 
-def start_servers(config: Config, stack: ExitStack, say: Callable[[str], None] = say_up) -> Config:
-    """Start the embedded servers the config asks for (stopped when ``stack`` closes); returns
-    the config with their URLs."""
+def start_servers(
+    config: Config, stack: ExitStack, say: Callable[[str], None] = say_up, *, scratch: bool = False
+) -> Config:
+    """Start the embedded servers the config asks for, each serving before this returns; they
+    stop when ``stack`` closes (a server that failed to start included), and ``scratch``
+    servers' data is deleted then too. Returns the config with their URLs."""
     if config.embedded_postgres:
         pg = EmbeddedPostgres(config.pg_data_dir, config.pg_port, fsync=config.pg_fsync)
+        if scratch:
+            stack.callback(pg.remove_data)
+        stack.callback(pg.stop)
         say(f"starting PostgreSQL (data in {pg.data_dir})")
         pg.start()
-        stack.callback(pg.stop)
         config = config.with_urls(pg.url(), config.redis_url)
     if config.embedded_redis:
         valkey = EmbeddedValkey(config.redis_data_dir, config.redis_port)
+        stack.callback(valkey.stop)
         say(f"starting Valkey (data in {valkey.data_dir})")
         valkey.start()
-        stack.callback(valkey.stop)
         config = config.with_urls(config.pg_url(), valkey.url())
     return config
+
+

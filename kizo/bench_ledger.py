@@ -294,11 +294,12 @@ def run(p: LedgerBenchParams, database_url: str | None) -> dict[str, Any]:
         return aio.run(bench_on_server(match.group(1), int(match.group(2) or 5432), p))
     with tempfile.TemporaryDirectory(prefix="kizo-bench-") as home:
         pg = EmbeddedPostgres(Path(home) / "pgdata", free_port())
-        pg.start()
         try:
+            pg.start()
             return aio.run(bench_on_server(pg.host, pg.port, p))
         finally:
             pg.stop()
+            pg.remove_data()  # run by root, the data lives outside the temporary directory
 
 
 def table(report: dict[str, Any]) -> str:

@@ -247,8 +247,8 @@ def run(p: PipelineBenchParams) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kizo-bench-") as home:
         pg = EmbeddedPostgres(Path(home) / "pgdata", free_port())
         valkey = EmbeddedValkey(Path(home) / "valkey", free_port(), persist=False)
-        pg.start()
         try:
+            pg.start()
             valkey.start()
             subprocess.run(
                 [
@@ -264,12 +264,11 @@ def run(p: PipelineBenchParams) -> dict[str, Any]:
                 check=True,
                 timeout=60,
             )
-            try:
-                return aio.run(_measure(p, pg, valkey.url()))
-            finally:
-                valkey.stop()
+            return aio.run(_measure(p, pg, valkey.url()))
         finally:
+            valkey.stop()
             pg.stop()
+            pg.remove_data()  # run by root, the data lives outside the temporary directory
 
 
 def pg_bin() -> str:

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -29,7 +28,10 @@ import redis.asyncio as aioredis
 
 from engine import ensure_system_accounts
 from infra.migrate import migrate
+from infra.readiness import wait_http
 from infra.servers import EmbeddedPostgres, EmbeddedValkey, free_port
+
+__all__ = ["wait_http"]  # tests start processes by hand and wait through the one readiness loop
 
 CURRENCY = "USD"
 TEMPLATE_DB = "kizo_template"
@@ -69,30 +71,29 @@ async def _prepare_template(servers: ServerSet) -> None:
 def servers() -> Iterator[ServerSet]:
     external_pg = os.environ.get("KIZO_TEST_DATABASE_URL")
     external_redis = os.environ.get("KIZO_TEST_REDIS_URL")
-    # A short path: CI clones anywhere, and the servers' paths should not depend on it.
-    home = Path(tempfile.mkdtemp(prefix="kizo-test-"))
-    pg = valkey = None
-    if external_pg is None:
-        pg = EmbeddedPostgres(home / "pgdata", free_port(), fsync=False, max_connections=400)
-        pg.start()
-        pg_base = f"postgresql://postgres@{pg.host}:{pg.port}"
-    else:
-        pg_base = external_pg.rstrip("/").rsplit("/", 1)[0]
-    if external_redis is None:
-        valkey = EmbeddedValkey(home / "valkey", free_port(), persist=False)
-        valkey.start()
-        redis_url = valkey.url()
-    else:
-        redis_url = external_redis
-    result = ServerSet(pg_base, redis_url, pg, valkey, home)
-    try:
+    # A short path: CI clones anywhere, and the servers' paths should not depend on it. The
+    # stack stops the servers and removes their data and this directory even if a start fails.
+    with tempfile.TemporaryDirectory(prefix="kizo-test-") as tmp, contextlib.ExitStack() as stack:
+        home = Path(tmp)
+        pg = valkey = None
+        if external_pg is None:
+            pg = EmbeddedPostgres(home / "pgdata", free_port(), fsync=False, max_connections=400)
+            stack.callback(pg.remove_data)
+            stack.callback(pg.stop)
+            pg.start()
+            pg_base = f"postgresql://postgres@{pg.host}:{pg.port}"
+        else:
+            pg_base = external_pg.rstrip("/").rsplit("/", 1)[0]
+        if external_redis is None:
+            valkey = EmbeddedValkey(home / "valkey", free_port(), persist=False)
+            stack.callback(valkey.stop)
+            valkey.start()
+            redis_url = valkey.url()
+        else:
+            redis_url = external_redis
+        result = ServerSet(pg_base, redis_url, pg, valkey, home)
         asyncio.run(_prepare_template(result))
         yield result
-    finally:
-        if valkey is not None:
-            valkey.stop()
-        if pg is not None:
-            pg.stop()
 
 
 @pytest.fixture
@@ -171,22 +172,6 @@ def unique_email(prefix: str = "user") -> str:
 class BankProcess:
     url: str
     proc: subprocess.Popen[bytes]
-
-
-def wait_http(
-    url: str, timeout_s: float = 30.0, proc: subprocess.Popen[bytes] | None = None
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {timeout_s}s")
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:

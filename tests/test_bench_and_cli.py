@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -16,7 +18,7 @@ import psutil
 import pytest
 import redis
 
-from infra.servers import free_port
+from infra.servers import EmbeddedPostgres, free_port
 from kizo.bench_ledger import LedgerBenchParams, bench_on_server
 from tests._imports import recorded_modules, recording_env
 from tests.conftest import ServerSet
@@ -161,6 +163,7 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         "KIZO_API_PORT": str(free_port()),
         "KIZO_BANK_PORT": str(free_port()),
         "KIZO_JANITOR_METRICS_PORT": str(free_port()),
+        "KIZO_WORKER_METRICS_PORT": str(free_port()),
         "KIZO_PROXY_API_PORT": str(free_port()),
         "KIZO_PROXY_FILE": str(proxy_file),
         "KIZO_PG_FSYNC": "off",
@@ -196,6 +199,8 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         for child in ("proxy", "bank", "worker-0", "janitor", "api"):
             assert f"starting {child}" in output
         _deposit_settles_end_to_end(f"http://127.0.0.1:{env['KIZO_API_PORT']}")
+        worker = httpx.get(f"http://127.0.0.1:{env['KIZO_WORKER_METRICS_PORT']}/metrics", timeout=5)
+        assert "kizo_worker_shards_owned 8.0" in worker.text
         _valkey_answers_through_the_fault_proxy(env)
         servers = _descendants_alive(proc.pid)
         names = " ".join(p.name() for p in servers)
@@ -207,10 +212,14 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+        home_mode = stat.S_IMODE(Path(home).stat().st_mode)
+        loaded = recorded_modules(records, proc.pid)
+        EmbeddedPostgres(Path(home) / "pgdata", 0).remove_data()
+        shutil.rmtree(home)
     assert proc.returncode == 0, rest
     assert "stopping servers" in rest
+    assert home_mode == 0o700, "kizo up changed the permissions of its (private) home"
     # kizo up itself (its children include the bank and the proxy, which are the harness's)
-    loaded = recorded_modules(records, proc.pid)
     assert "kizo.supervisor" in loaded, loaded
     assert not [m for m in loaded if m.startswith("chaos")], f"kizo up loaded {sorted(loaded)}"
     _gone, alive = psutil.wait_procs(servers, timeout=30)
