@@ -129,7 +129,7 @@ _PROBLEM = "application/problem+json"
 _ALWAYS = (429,)
 _BACKEND = (503,)
 _TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
-           409: "Request in flight", 413: "Body too large", 422: "Invalid request",
+           409: "Conflict", 413: "Body too large", 422: "Invalid request",
            429: "Too many requests", 503: "Service unavailable"}  # fmt: skip
 
 
