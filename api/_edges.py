@@ -12,6 +12,7 @@ from quart_rate_limiter import RateLimit, RateLimiter, RateLimitExceeded, rate_l
 from quart_rate_limiter.redis_store import RedisStore
 
 from api._problems import Problem
+from api.routes import PAYMENTS, SIGNIN, SIGNUP
 from infra.config import RateLimitConfig
 
 MINUTE = timedelta(minutes=1)
@@ -50,18 +51,25 @@ def install(app: Quart, limits: RateLimitConfig, redis_url: str,
     RateLimiter(app, key_function=ip_key, store=_Store(redis_url, socket_timeout=2),
                 default_limits=[RateLimit(limits.default_per_ip, MINUTE)])  # fmt: skip
 
-    def limit(view: str, *rules: RateLimit) -> None:
-        # The decorator only marks the function; the limiter reads the mark per request.
-        rate_limit(limits=list(rules))(cast("Callable[..., Any]", app.view_functions[view]))
+    def limit(endpoint: str, *rules: RateLimit) -> None:
+        # The decorator marks a function, which the limiter reads per request. The views are
+        # module-level functions shared by every app of the process (and the mark accumulates),
+        # so this app's marks go on a wrapper of its own.
+        view = cast("Callable[..., Awaitable[Any]]", app.view_functions[endpoint])
+
+        async def limited(*args: Any, **kwargs: Any) -> Any:
+            return await view(*args, **kwargs)
+
+        app.view_functions[endpoint] = rate_limit(limits=list(rules))(limited)
 
     limit(
-        "signin",
+        SIGNIN,
         RateLimit(limits.signin_per_ip, MINUTE, ip_key),
         RateLimit(limits.signin_per_email, MINUTE, email_key),
     )
-    limit("signup", RateLimit(limits.signup_per_ip, MINUTE, ip_key))
-    for name in ("deposit", "withdraw", "transfer"):
-        limit(name, RateLimit(limits.payments_per_user, MINUTE, user_key))
+    limit(SIGNUP, RateLimit(limits.signup_per_ip, MINUTE, ip_key))
+    for endpoint in PAYMENTS:
+        limit(endpoint, RateLimit(limits.payments_per_user, MINUTE, user_key))
 
     @app.errorhandler(RateLimitExceeded)
     async def too_many(exc: RateLimitExceeded) -> Response:

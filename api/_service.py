@@ -223,12 +223,25 @@ def _cursor(created_at: dt.datetime, txn_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(raw).decode()
 
 
+CURSOR_CHARS_MAX = 256  # a cursor this API writes is about 92
+
+
 def _parse_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
+    """Only what ``_cursor`` writes: an aware timestamp that is a real instant once moved to
+    UTC, and a UUID. Anything else is a 400: a naive time (whose meaning would depend on the
+    server's zone), or one past the ends of the calendar in UTC (year 9999 at -14:00, year 1 at
+    +14:00), which the driver could not encode (that was a 500)."""
+    bad = Problem(400, "Bad cursor", "the cursor is not one this API issued")
+    if len(cursor) > CURSOR_CHARS_MAX:
+        raise bad
     try:
-        created, txn = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
-        return dt.datetime.fromisoformat(created), uuid.UUID(txn)
-    except (ValueError, UnicodeDecodeError):
-        raise Problem(400, "Bad cursor", "the cursor is not one this API issued") from None
+        created, txn = base64.urlsafe_b64decode(cursor).decode().split("|")
+        at = dt.datetime.fromisoformat(created)
+        if at.tzinfo is None:
+            raise bad
+        return at.astimezone(dt.UTC), uuid.UUID(txn)
+    except (ValueError, UnicodeError, OverflowError):
+        raise bad from None
 
 
 async def list_transactions(pool: asyncpg.Pool, user: User, cursor: str | None,
@@ -255,19 +268,37 @@ CSV_PAGE = 500
 CSV_ROWS_MAX = 1_000_000
 CSV_COLUMNS = ["id", "kind", "status", "amount", "currency", "direction", "counterparty", "note",
                "failure_reason", "created_at", "settled_at"]  # fmt: skip
+# OWASP's CSV injection triggers: a spreadsheet reads a cell starting with one as a formula.
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_cell(value: object) -> str | int:
+    """A CSV cell a spreadsheet reads as data. Text (notes and emails are the users' own) that
+    starts with a formula trigger, also after leading whitespace, gets a leading single quote,
+    which spreadsheets show as text and which keeps the original after it. Integers (amounts,
+    server-made, never user text) stay plain numbers, so sums work; the writer quotes every
+    text cell (QUOTE_NONNUMERIC), so no cell's separators or quotes can split it."""
+    if value is None:
+        return ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value)
+    if text.startswith(FORMULA_TRIGGERS) or text.lstrip().startswith(FORMULA_TRIGGERS):
+        return "'" + text
+    return text
 
 
 async def export_csv(pool: asyncpg.Pool, user: User) -> AsyncIterator[str]:
     """Own history as CSV, newest first, one keyset page at a time (bounded memory)."""
     out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(CSV_COLUMNS)
+    csv.writer(out).writerow(CSV_COLUMNS)  # names of our own: no quotes needed
+    writer = csv.writer(out, quoting=csv.QUOTE_NONNUMERIC)
     yield _drain(out)
     cursor: str | None = None
     for _ in range(CSV_ROWS_MAX // CSV_PAGE):
         page = await list_transactions(pool, user, cursor, CSV_PAGE)
         for item in page["items"]:
-            writer.writerow(["" if item[c] is None else item[c] for c in CSV_COLUMNS])
+            writer.writerow([spreadsheet_cell(item[c]) for c in CSV_COLUMNS])
         yield _drain(out)
         cursor = page["next_cursor"]
         if cursor is None:

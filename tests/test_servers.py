@@ -21,9 +21,9 @@ import pytest
 import redis
 
 from infra import pg_home
+from infra.processes import Child, start_child
 from infra.readiness import NotReady, http_probe, wait_ready
 from infra.servers import EmbeddedPostgres, EmbeddedValkey, free_port, pg_bin_dir
-from infra.processes import Child, start_child
 
 CYCLES = 20
 

@@ -1,0 +1,75 @@
+"""What every handler shares: JSON answers, validated bodies, the caller's identity and tokens."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from quart import Response, request
+
+from api import _service as svc
+from api._auth import Claims, KeyRing
+from api._problems import Problem
+from api._state import state
+
+BODY_MAX_BYTES = 64 * 1024
+KEYRING_TTL_S = 5.0
+M = TypeVar("M", bound=BaseModel)
+# Visible ASCII: what an Idempotency-Key or an echoed X-Request-ID may hold (always fullmatch:
+# "$" would let a trailing newline through).
+VISIBLE_ASCII = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def json_response(body: object, status: int = 200, headers: dict[str, str] | None = None,
+                  ) -> Response:  # fmt: skip
+    response = Response(json.dumps(body), status=status, content_type="application/json")
+    response.headers.update(headers or {})
+    return response
+
+
+async def read_body(model: type[M]) -> M:
+    raw = await request.get_data(cache=True)
+    if len(raw) > BODY_MAX_BYTES:
+        raise Problem(413, "Body too large", f"at most {BODY_MAX_BYTES} bytes")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise Problem(400, "Malformed JSON", "the body is not valid UTF-8 JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [{"field": ".".join(str(p) for p in e["loc"]) or "body", "message": e["msg"]}
+                  for e in exc.errors()]  # fmt: skip
+        raise Problem(
+            422, "Invalid request", "the request body is invalid", errors=errors
+        ) from None
+
+
+async def keyring() -> KeyRing:
+    """The key ring, re-read at most every KEYRING_TTL_S: ``kizo keys rotate`` reaches every
+    running API process within that time, with no restart."""
+    s = state()
+    now = time.monotonic()
+    if now - s.keys_loaded_at > KEYRING_TTL_S:
+        s.keys, s.keys_loaded_at = await KeyRing.load(s.pool), now
+    return s.keys
+
+
+async def authenticate() -> tuple[Claims, svc.User]:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        raise Problem(401, "Unauthorized", "a Bearer access token is required",
+                      headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+    claims = (await keyring()).verify(header[7:])
+    return claims, await svc.get_user(state().pool, claims.user_id)
+
+
+async def tokens(user: svc.User, refresh: str | None = None) -> dict[str, Any]:
+    s = state()
+    ttl = s.config.auth.access_ttl_s
+    return {"access_token": (await keyring()).sign(Claims(user.id, user.role), ttl),
+            "refresh_token": refresh or await s.refresh.issue(user.id),
+            "token_type": "Bearer", "expires_in": ttl}  # fmt: skip
