@@ -24,7 +24,15 @@ from redis.asyncio import Redis
 
 from actors.routing import Coalescer, QueueSet, Routed, actor_account
 from api import _service as svc
-from api._auth import Claims, KeyRing, Passwords, RefreshTokens, ensure_key
+from api._auth import (
+    Claims,
+    KeyRing,
+    Passwords,
+    RefreshTokens,
+    WrongKeyringKey,
+    ensure_key,
+    require_secrets,
+)
 from api._edges import cors, install, ip_key
 from api._hashing import HashingUnavailable
 from api._models import Amount, RefreshBody, Signin, Signup, TransferBody
@@ -95,6 +103,7 @@ async def _body(model: type[M]) -> M:
 
 def create_app(config: Config | None = None) -> Quart:
     config = config or Config.from_env()
+    require_secrets(config.auth)  # `kizo api` said so in one line already; this guards the rest
     app = Quart("kizo-api")
     app.config["MAX_CONTENT_LENGTH"] = BODY_MAX_BYTES
     holder: dict[str, State] = {}
@@ -109,7 +118,7 @@ def create_app(config: Config | None = None) -> Quart:
         lock_timeout = {"lock_timeout": f"{svc.IDEMPOTENCY_WAIT_MS}ms"}
         pool = await create_pool(config.pg_url(), min_size=2, max_size=10, command_timeout=10,
                                  server_settings=lock_timeout)  # fmt: skip
-        await ensure_key(pool)
+        keys = await ensure_key(pool, config.auth.keyring_key)
         if config.mutation:
             log.warning(
                 "MUTATION_ACTIVE",
@@ -129,7 +138,7 @@ def create_app(config: Config | None = None) -> Quart:
         holder["state"] = State(
             config, pool, redis, coalescer, asyncio.create_task(coalescer.run()),
             passwords,
-            RefreshTokens(redis, config.auth.refresh_ttl_s), await KeyRing.load(pool),
+            RefreshTokens(redis, config.auth.refresh_ttl_s), keys,
             time.monotonic(), registry,
             Counter("kizo_api_enqueue_failures_total", "Enqueues that failed (outbox relays)",
                     registry=registry),
@@ -202,7 +211,11 @@ def create_app(config: Config | None = None) -> Quart:
         s = state()
         now = time.monotonic()
         if now - s.keys_loaded_at > KEYRING_TTL_S:
-            s.keys, s.keys_loaded_at = await KeyRing.load(s.pool), now
+            try:
+                s.keys = await KeyRing.load(s.pool, s.config.auth.keyring_key)
+            except WrongKeyringKey as exc:  # a key sealed elsewhere: keep the ring that works
+                log.error("KEYRING_UNREADABLE", error=str(exc))
+            s.keys_loaded_at = now
         return s.keys
 
     async def auth() -> tuple[Claims, svc.User]:

@@ -24,6 +24,7 @@ import asyncpg
 
 from engine import ensure_system_accounts
 from kizo.config import Config
+from kizo.devsecrets import up_env
 from kizo.migrate import migrate
 from kizo.servers import EmbeddedPostgres, EmbeddedValkey, port_open
 
@@ -122,10 +123,12 @@ def run_up(config: Config, *, exit_after_ready: bool = False) -> int:
     procs: list[tuple[Child, subprocess.Popen[bytes]]] = []
     with ExitStack() as stack:
         try:
+            secrets_env = up_env(config)  # kizo/devsecrets.py: never a known pepper or no key
             config = start_servers(config, stack)
             applied = asyncio.run(prepare_database(config.pg_url(), config.ledger.currency))
             _say(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
-            env = {**os.environ, "DATABASE_URL": config.pg_url(), "REDIS_URL": config.valkey_url()}
+            env = {**os.environ, **secrets_env,
+                   "DATABASE_URL": config.pg_url(), "REDIS_URL": config.valkey_url()}  # fmt: skip
             for child in children(config):
                 _say(f"starting {child.name}")
                 procs.append((child, start_child(child, env)))

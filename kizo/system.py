@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from kizo.config import Config
+from kizo.devsecrets import scratch_env
 from kizo.servers import free_port
 from kizo.supervisor import (
     Child,
@@ -120,6 +121,7 @@ def scratch_system(
             "KIZO_HOME": home,
             **{name: str(free_port()) for name in PORT_VARIABLES},
             "KIZO_PROXY_FILE": "none",  # its proxies' fixed ports could clash; add them by API
+            **scratch_env(Path(home)),  # its own secrets; the marker that allows KIZO_MUTATION
             **(overrides or {}),
         }
         config = start_servers(Config.from_env(env), stack, say=_quiet)
