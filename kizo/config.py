@@ -26,7 +26,7 @@ MUTATIONS = ("", "idempotency_off")
 # SCRATCH_MARK_VAR. Both have to match, so no operator can set KIZO_MUTATION on a real system by
 # accident (the file is gone with the scratch home, the token is never printed).
 SCRATCH_MARKER_FILE = "scratch-system"
-SCRATCH_MARK_VAR = "KIZO_SCRATCH_TOKEN"
+SCRATCH_MARK_VAR = "KIZO_SCRATCH_MARK"
 SCRATCH_TOKEN_CHARS_MIN = 32
 # The pepper every checkout knows (earlier builds used it by default): never accepted by the API.
 DEV_PEPPER = "kizo-dev-pepper-change-me"
