@@ -4,9 +4,13 @@
   allow offline guessing. Hashing runs in low-priority, paced processes (api/_hashing.py) with a
   bounded queue; when it is full the request is turned away at once (503 + Retry-After) instead
   of stalling every other request.
-- Access tokens: HS256 JWTs with ``kid``; the newest key signs, the newest two verify.
+- Access tokens: HS256 JWTs with ``kid``; the newest key signs, the newest two verify. The
+  signing secrets are sealed (AES-256-GCM, the ``kid`` as associated data) with
+  ``KIZO_KEYRING_KEY``, which never enters the database: a copy of the database alone can
+  neither read them nor mint tokens.
 - Refresh tokens: opaque, stored hashed in Redis with a family id, rotated on every use; a reused
-  (already rotated) token revokes its whole family.
+  (already rotated) token revokes its whole family. Every key is written together with its
+  expiry (MULTI/EXEC, or one script), so no failure can leave a token that never expires.
 """
 
 from __future__ import annotations
@@ -25,17 +29,38 @@ from dataclasses import dataclass
 import asyncpg
 import jwt
 from argon2 import PasswordHasher
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.asyncio import Redis
 
 from api._hashing import HashingUnavailable, HashWorker
 from api._problems import Problem
-from infra.config import AuthConfig
+from infra.config import DEV_PEPPER, PEPPER_CHARS_MIN, AuthConfig, ConfigError
 
 JWT_ALGORITHM = "HS256"
 VERIFYING_KEYS = 2
 HASH_WAITING_MAX = 64
 _REFRESH_PREFIX = "kizo:refresh:"
 _FAMILY_PREFIX = "kizo:refresh-family:"
+_NONCE_BYTES = 12  # AES-GCM's standard nonce, random per sealing
+
+
+def require_secrets(config: AuthConfig, *, pepper: bool = True, keyring_key: bool = True) -> None:
+    """Refuse to run on a missing or published secret (a pepper everyone knows protects nothing)."""
+    if pepper and not config.pepper:
+        raise ConfigError(
+            "KIZO_PEPPER is not set: give the API a secret pepper of its own"
+            " (only `kizo up` on its embedded database makes one itself)"
+        )
+    if pepper and config.pepper == DEV_PEPPER:
+        raise ConfigError("KIZO_PEPPER is the published development pepper: set a secret one")
+    if pepper and len(config.pepper) < PEPPER_CHARS_MIN:
+        raise ConfigError(f"KIZO_PEPPER must have at least {PEPPER_CHARS_MIN} characters")
+    if keyring_key and not config.keyring_key:
+        raise ConfigError(
+            "KIZO_KEYRING_KEY is not set: it seals the JWT signing keys at rest"
+            " (only `kizo up` on its embedded database makes one itself)"
+        )
 
 
 class Passwords:
@@ -138,12 +163,8 @@ class KeyRing:
         self.keys = keys
 
     @classmethod
-    async def load(cls, db: asyncpg.Pool) -> KeyRing:
-        rows = await db.fetch(
-            "SELECT kid, secret FROM signing_keys ORDER BY created_at DESC LIMIT $1",
-            VERIFYING_KEYS,
-        )
-        return cls([(r["kid"], r["secret"]) for r in rows])
+    async def load(cls, db: asyncpg.Pool | asyncpg.Connection, keyring_key: bytes) -> KeyRing:
+        return cls(await _open_keys(db, keyring_key))
 
     def sign(self, claims: Claims, ttl_s: int) -> str:
         kid, secret = self.keys[0]
@@ -166,16 +187,50 @@ class KeyRing:
             raise unauthorized from None
 
 
-async def rotate_key(db: asyncpg.Connection | asyncpg.Pool) -> str:
+class WrongKeyringKey(ConfigError):
+    """KIZO_KEYRING_KEY does not open the signing keys in the database."""
+
+
+def _seal(keyring_key: bytes, kid: str, secret: str) -> bytes:
+    nonce = secrets.token_bytes(_NONCE_BYTES)
+    return nonce + AESGCM(keyring_key).encrypt(nonce, secret.encode(), kid.encode())
+
+
+def _unseal(keyring_key: bytes, kid: str, sealed: bytes) -> str:
+    nonce, box = sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:]
+    try:
+        return AESGCM(keyring_key).decrypt(nonce, box, kid.encode()).decode()
+    except InvalidTag:
+        raise WrongKeyringKey(
+            f"KIZO_KEYRING_KEY does not open signing key {kid}: it was sealed with another"
+            " key (set the key this system was started with)"
+        ) from None
+
+
+async def _open_keys(db: asyncpg.Pool | asyncpg.Connection, keyring_key: bytes
+                     ) -> list[tuple[str, str]]:  # fmt: skip
+    rows = await db.fetch(
+        "SELECT kid, sealed FROM signing_keys ORDER BY created_at DESC LIMIT $1", VERIFYING_KEYS
+    )
+    return [(r["kid"], _unseal(keyring_key, r["kid"], r["sealed"])) for r in rows]
+
+
+async def rotate_key(db: asyncpg.Connection | asyncpg.Pool, keyring_key: bytes) -> str:
+    # Opening the current keys first refuses a wrong KIZO_KEYRING_KEY before it can add a key
+    # that the running API processes could not open.
+    await _open_keys(db, keyring_key)
     kid = secrets.token_hex(8)
-    await db.execute("INSERT INTO signing_keys (kid, secret) VALUES ($1, $2)", kid,
-                     secrets.token_urlsafe(48))  # fmt: skip
+    sealed = _seal(keyring_key, kid, secrets.token_urlsafe(48))
+    await db.execute("INSERT INTO signing_keys (kid, sealed) VALUES ($1, $2)", kid, sealed)
     return kid
 
 
-async def ensure_key(db: asyncpg.Pool) -> None:
+async def ensure_key(db: asyncpg.Pool | asyncpg.Connection, keyring_key: bytes) -> KeyRing:
+    """The key ring, made with its first key if there is none; ``WrongKeyringKey`` when the
+    key does not open it."""
     if await db.fetchval("SELECT count(*) FROM signing_keys") == 0:
-        await rotate_key(db)
+        await rotate_key(db, keyring_key)
+    return await KeyRing.load(db, keyring_key)
 
 
 def _text(value: bytes | str) -> str:
@@ -186,33 +241,47 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# Marks a refresh token used; returns [user, family, uses], or nil when there is no such token.
+# One script, so a token that expires between the read and the write is never re-created
+# without an expiry (HINCRBY on a missing key makes a new hash).
+_USE_REFRESH_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local uses = redis.call('HINCRBY', KEYS[1], 'used', 1)
+local record = redis.call('HMGET', KEYS[1], 'user', 'family')
+return {record[1] or '', record[2] or '', uses}
+"""
+
+
 class RefreshTokens:
     def __init__(self, redis: Redis, ttl_s: int) -> None:
         self.redis = redis
         self.ttl_s = ttl_s
+        self._use = redis.register_script(_USE_REFRESH_SCRIPT)
 
     async def issue(self, user_id: uuid.UUID, family: str | None = None) -> str:
         token = secrets.token_urlsafe(32)
         family = family or secrets.token_hex(16)
         key = _REFRESH_PREFIX + _digest(token)
-        await self.redis.hset(key, mapping={"user": str(user_id), "family": family, "used": 0})
-        await self.redis.expire(key, self.ttl_s)
+        # One MULTI/EXEC: the record and its expiry land together or not at all.
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"user": str(user_id), "family": family, "used": 0})
+            pipe.expire(key, self.ttl_s)
+            await pipe.execute()
         return token
 
     async def rotate(self, token: str) -> tuple[uuid.UUID, str]:
         """Use ``token`` once; returns (user, new token). Reuse revokes the family."""
         invalid = Problem(401, "Unauthorized", "invalid refresh token")
-        key = _REFRESH_PREFIX + _digest(token)
-        record = await self.redis.hgetall(key)
-        if not record:
+        used = await self._use(keys=[_REFRESH_PREFIX + _digest(token)])
+        if not used or not used[0] or not used[1]:
             raise invalid
-        family = _text(record[b"family"])
-        if await self.redis.exists(_FAMILY_PREFIX + family):
-            raise invalid
-        if await self.redis.hincrby(key, "used", 1) > 1:  # atomic: only one use wins
+        user, family, uses = _text(used[0]), _text(used[1]), int(used[2])
+        if uses > 1:  # atomic: only one use wins
             await self.revoke_family(family)
             raise invalid
-        user_id = uuid.UUID(_text(record[b"user"]))
+        if await self.redis.exists(_FAMILY_PREFIX + family):
+            raise invalid
+        user_id = uuid.UUID(user)
         return user_id, await self.issue(user_id, family)
 
     async def revoke(self, token: str) -> None:
@@ -221,4 +290,5 @@ class RefreshTokens:
             await self.revoke_family(_text(record[b"family"]))
 
     async def revoke_family(self, family: str) -> None:
+        # One key, written with its expiry in one command: a family outlives none of its tokens.
         await self.redis.set(_FAMILY_PREFIX + family, 1, ex=self.ttl_s)

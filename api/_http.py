@@ -7,13 +7,16 @@ import re
 import time
 from typing import Any, TypeVar
 
+import structlog
 from pydantic import BaseModel, ValidationError
 from quart import Response, request
 
 from api import _service as svc
-from api._auth import Claims, KeyRing
+from api._auth import Claims, KeyRing, WrongKeyringKey
 from api._problems import Problem
 from api._state import state
+
+log = structlog.get_logger("kizo.api")
 
 BODY_MAX_BYTES = 64 * 1024
 KEYRING_TTL_S = 5.0
@@ -54,7 +57,11 @@ async def keyring() -> KeyRing:
     s = state()
     now = time.monotonic()
     if now - s.keys_loaded_at > KEYRING_TTL_S:
-        s.keys, s.keys_loaded_at = await KeyRing.load(s.pool), now
+        try:
+            s.keys = await KeyRing.load(s.pool, s.config.auth.keyring_key)
+        except WrongKeyringKey as exc:  # a key sealed elsewhere: keep the ring that works
+            log.error("KEYRING_UNREADABLE", error=str(exc))
+        s.keys_loaded_at = now
     return s.keys
 
 

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from actors import Coalescer, QueueSet
 from api import _service as svc
-from api._auth import KeyRing, Passwords, RefreshTokens, ensure_key
+from api._auth import Passwords, RefreshTokens, ensure_key, require_secrets
 from api._edges import cors, install, ip_key
 from api._hashing import HashingUnavailable
 from api._http import BODY_MAX_BYTES, KEYRING_TTL_S, VISIBLE_ASCII, keyring
@@ -49,6 +49,7 @@ REQUEST_ID_MAX = 64
 
 def create_app(config: Config | None = None) -> Quart:
     config = config or Config.from_env()
+    require_secrets(config.auth)  # `kizo api` said so in one line already; this guards the rest
     app = Quart("kizo-api", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = BODY_MAX_BYTES
     lifecycle(app, config)
@@ -71,7 +72,7 @@ def lifecycle(app: Quart, config: Config) -> None:
         lock_timeout = {"lock_timeout": f"{svc.IDEMPOTENCY_WAIT_MS}ms"}
         pool = await create_pool(config.pg_url(), min_size=2, max_size=10, command_timeout=10,
                                  server_settings=lock_timeout)  # fmt: skip
-        await ensure_key(pool)
+        keys = await ensure_key(pool, config.auth.keyring_key)
         if config.mutation:
             log.warning(
                 "MUTATION_ACTIVE",
@@ -91,7 +92,7 @@ def lifecycle(app: Quart, config: Config) -> None:
         app.extensions[STATE_KEY] = State(
             config, pool, redis, coalescer, asyncio.create_task(coalescer.run()),
             passwords,
-            RefreshTokens(redis, config.auth.refresh_ttl_s), await KeyRing.load(pool),
+            RefreshTokens(redis, config.auth.refresh_ttl_s), keys,
             time.monotonic(), registry,
             Counter("kizo_api_enqueue_failures_total", "Enqueues that failed (outbox relays)",
                     registry=registry),

@@ -13,10 +13,13 @@ def _configure_api(parser: argparse.ArgumentParser) -> None:
 
 
 def _api(config: Config, args: argparse.Namespace) -> int:
+    from api._auth import require_secrets
     from infra.serve import serve_asgi
 
     if not 1 <= args.workers <= 16:
         raise UsageError("--workers must be between 1 and 16")
+    require_secrets(config.auth)
+    _open_keyring(config)  # a wrong KIZO_KEYRING_KEY is one line here, not a trace per worker
     serve_asgi("api.app:create_app", config.host, config.api_port, workers=args.workers)
     return 0
 
@@ -25,16 +28,40 @@ def _configure_keys(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["rotate"], help="rotate: a new key signs from now on")
 
 
+def _open_keyring(config: Config) -> None:
+    """Make the first signing key if there is none, and open the ring with KIZO_KEYRING_KEY."""
+    import asyncpg
+
+    from api._auth import ensure_key
+    from infra import aio
+
+    async def check() -> None:
+        conn = await asyncpg.connect(config.pg_url(), timeout=10)
+        try:
+            await ensure_key(conn, config.auth.keyring_key)
+        finally:
+            await conn.close()
+
+    try:
+        aio.run(check())
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise UsageError(f"cannot open the signing keys in PostgreSQL: {exc}") from None
+
+
 def _keys(config: Config, _args: argparse.Namespace) -> int:
     import asyncpg
 
-    from api._auth import rotate_key
+    from api._auth import require_secrets, rotate_key
     from infra import aio
+    from infra.devsecrets import with_dev_secrets
+
+    config = with_dev_secrets(config)  # beside `kizo up`: the key it keeps in KIZO_HOME
+    require_secrets(config.auth, pepper=False)
 
     async def rotate() -> str:
         conn = await asyncpg.connect(config.pg_url(), timeout=10)
         try:
-            return await rotate_key(conn)
+            return await rotate_key(conn, config.auth.keyring_key)
         finally:
             await conn.close()
 
@@ -60,9 +87,13 @@ def _admin(config: Config, args: argparse.Namespace) -> int:
     import asyncpg
 
     from api import _service as svc
-    from api._auth import Passwords
+    from api._auth import Passwords, require_secrets
     from api._problems import Problem
     from infra import aio
+    from infra.devsecrets import with_dev_secrets
+
+    config = with_dev_secrets(config)  # beside `kizo up`: the pepper it keeps in KIZO_HOME
+    require_secrets(config.auth, keyring_key=False)
 
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass()
     if not 8 <= len(password) <= 128:

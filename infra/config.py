@@ -6,7 +6,9 @@ Nothing below the CLI reads ``os.environ``: every process builds a ``Config`` wi
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hmac
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +21,17 @@ class ConfigError(ValueError):
 
 # "idempotency_off": payments store no idempotency record, so a retried request pays again.
 MUTATIONS = ("", "idempotency_off")
+# A mutation is honoured only inside a scratch system (infra/system.py): it writes a random token
+# into this file of its temporary KIZO_HOME and hands the same token to its processes in
+# SCRATCH_MARK_VAR. Both have to match, so no operator can set KIZO_MUTATION on a real system by
+# accident (the file is gone with the scratch home, the token is never printed).
+SCRATCH_MARKER_FILE = "scratch-system"
+SCRATCH_MARK_VAR = "KIZO_SCRATCH_MARK"
+SCRATCH_TOKEN_CHARS_MIN = 32
+# The pepper every checkout knows (earlier builds used it by default): never accepted by the API.
+DEV_PEPPER = "kizo-dev-pepper-change-me"
+PEPPER_CHARS_MIN = 16
+KEYRING_KEY_BYTES = 32  # AES-256-GCM
 
 
 def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
@@ -110,7 +123,10 @@ class PipelineConfig:
 class AuthConfig:
     """Password hashing and tokens (issue 3/8)."""
 
-    pepper: str = "kizo-dev-pepper-change-me"
+    # Secrets: unset by default; the API refuses to start without them (infra/devsecrets.py makes
+    # them for `kizo up`'s embedded development system and for scratch systems).
+    pepper: str = field(default="", repr=False)
+    keyring_key: bytes = field(default=b"", repr=False)  # seals the JWT signing keys at rest
     argon2_memory_kib: int = 19 * 1024
     argon2_time_cost: int = 2
     argon2_parallelism: int = 1
@@ -134,6 +150,42 @@ def _http_url(env: Mapping[str, str], name: str) -> str | None:
     return value.rstrip("/") if value else None
 
 
+def keyring_key(raw: str | None) -> bytes:
+    """The 32-byte key of ``KIZO_KEYRING_KEY`` (base64url), or b"" when unset."""
+    if raw is None or raw.strip() == "":
+        return b""
+    raw = raw.strip()
+    try:
+        key = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+    except ValueError:
+        key = b""
+    if len(key) != KEYRING_KEY_BYTES:
+        raise ConfigError(
+            f"KIZO_KEYRING_KEY must be {KEYRING_KEY_BYTES} random bytes in base64url (make one"
+            " with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    return key
+
+
+def _mutation(env: Mapping[str, str], home: Path) -> str:
+    mutation = _choice(env, "KIZO_MUTATION", MUTATIONS)
+    if mutation and not _inside_scratch_system(env, home):
+        raise ConfigError(
+            "KIZO_MUTATION (a deliberately broken build) is honoured only inside the scratch"
+            " systems that tests and `kizo chaos ... --mutation` start; unset it"
+        )
+    return mutation
+
+
+def _inside_scratch_system(env: Mapping[str, str], home: Path) -> bool:
+    token = env.get(SCRATCH_MARK_VAR, "")
+    try:
+        marker = (home / SCRATCH_MARKER_FILE).read_text().strip()
+    except OSError:
+        return False
+    return len(token) >= SCRATCH_TOKEN_CHARS_MIN and hmac.compare_digest(marker, token)
+
+
 def _auth(env: Mapping[str, str]) -> AuthConfig:
     d = AuthConfig
     memory_kib = _int(env, "KIZO_ARGON2_MEMORY_KIB", d.argon2_memory_kib, low=7_168, high=1 << 22)
@@ -145,6 +197,7 @@ def _auth(env: Mapping[str, str]) -> AuthConfig:
         )
     return AuthConfig(
         pepper=_str(env, "KIZO_PEPPER", d.pepper),
+        keyring_key=keyring_key(env.get("KIZO_KEYRING_KEY")),
         argon2_memory_kib=memory_kib,
         argon2_time_cost=time_cost,
         hash_processes=_int(env, "KIZO_HASH_PROCESSES", d.hash_processes, low=1, high=64),
@@ -183,8 +236,9 @@ class Config:
     bank_url_override: str | None = None  # KIZO_BANK_URL: where workers reach the bank
     workers: int = 1
     pg_fsync: bool = True
-    # A deliberately broken build, for showing that the chaos checker catches one. Never set
-    # in production; every process that honours it says so loudly at start.
+    # A deliberately broken build, for showing that the chaos checker catches one. Honoured
+    # only inside a scratch system (any other process refuses to start with it); every process
+    # that honours it says so loudly at start.
     mutation: str = ""
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -289,5 +343,5 @@ class Config:
             pipeline=pipeline,
             auth=auth,
             limits=limits,
-            mutation=_choice(env, "KIZO_MUTATION", MUTATIONS),
+            mutation=_mutation(env, home),
         )

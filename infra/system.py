@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from infra.config import Config
+from infra.devsecrets import scratch_env
 from infra.processes import (
     Child,
     children,
@@ -118,6 +119,7 @@ def scratch_system(
             "KIZO_HOME": home,
             **{name: str(free_port()) for name in PORT_VARIABLES},
             "KIZO_PROXY_FILE": "none",  # its proxies' fixed ports could clash; add them by API
+            **scratch_env(Path(home)),  # its own secrets; the marker that allows KIZO_MUTATION
             **(overrides or {}),
         }
         # The stack stops what started, and the temporary home goes, even when a start fails.

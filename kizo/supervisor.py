@@ -19,6 +19,7 @@ from contextlib import ExitStack
 
 from infra.commands import Command
 from infra.config import Config
+from infra.devsecrets import up_env
 from infra.processes import (
     POLL_S,
     Child,
@@ -46,10 +47,12 @@ def run_up(config: Config, *, exit_after_ready: bool = False) -> int:
     procs: list[tuple[Child, subprocess.Popen[bytes]]] = []
     with ExitStack() as stack:
         try:
+            secrets_env = up_env(config)  # infra/devsecrets.py: never a known pepper or no key
             config = start_servers(config, stack)
             applied = asyncio.run(prepare_database(config.pg_url(), config.ledger.currency))
             say_up(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
-            env = {**os.environ, "DATABASE_URL": config.pg_url(), "REDIS_URL": config.valkey_url()}
+            env = {**os.environ, **secrets_env,
+                   "DATABASE_URL": config.pg_url(), "REDIS_URL": config.valkey_url()}  # fmt: skip
             for child in children(config):
                 say_up(f"starting {child.name}")
                 procs.append((child, start_child(child, env)))

@@ -34,6 +34,12 @@ from infra.servers import EmbeddedPostgres, EmbeddedValkey, free_port
 __all__ = ["wait_http"]  # tests start processes by hand and wait through the one readiness loop
 
 CURRENCY = "USD"
+# The suite's own secrets: the API refuses to start without them (docs/api.md). The in-process
+# apps and every `kizo` child share them, so a key one rotates or a hash one writes works in all.
+TEST_SECRETS = {
+    "KIZO_PEPPER": "kizo-test-pepper-" + "p" * 16,
+    "KIZO_KEYRING_KEY": "dGVzdC1rZXlyaW5nLWtleS0zMi1ieXRlcy1sb25nISE",
+}
 TEMPLATE_DB = "kizo_template"
 _counter = itertools.count()
 
@@ -188,7 +194,7 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
 
 def kizo_env(servers: ServerSet, db_url: str, **extra: str) -> dict[str, str]:
     """The environment of a real ``kizo`` child process pointed at the test servers."""
-    env = {**os.environ, "DATABASE_URL": db_url, "REDIS_URL": servers.redis_url}
+    env = {**os.environ, **TEST_SECRETS, "DATABASE_URL": db_url, "REDIS_URL": servers.redis_url}
     env.update(extra)
     return env
 

@@ -21,13 +21,13 @@ from quart.typing import TestClientProtocol as Client
 
 from api.app import KEYRING_TTL_S, create_app
 from infra.config import Config, RateLimitConfig
-from tests.conftest import ServerSet, kizo_env, unique_email
+from tests.conftest import TEST_SECRETS, ServerSet, kizo_env, unique_email
 
 
 @pytest_asyncio.fixture
 async def client(servers: ServerSet, db_url: str, redis_client: object) -> AsyncIterator[Client]:
     config = dataclasses.replace(
-        Config.from_env({}),
+        Config.from_env(TEST_SECRETS),
         database_url=db_url,
         redis_url=servers.redis_url,
         limits=RateLimitConfig(enabled=False, cors_origins=("https://dash.example",)),

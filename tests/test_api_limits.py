@@ -16,13 +16,13 @@ from quart.typing import TestClientProtocol as Client
 from api.app import create_app
 from infra.config import Config, RateLimitConfig
 from infra.servers import free_port
-from tests.conftest import ServerSet, kizo_env, stop_process, unique_email, wait_http
+from tests.conftest import TEST_SECRETS, ServerSet, kizo_env, stop_process, unique_email, wait_http
 
 
 @pytest_asyncio.fixture
 async def limited(servers: ServerSet, db_url: str, redis_client: object) -> AsyncIterator[Client]:
     config = dataclasses.replace(
-        Config.from_env({}),
+        Config.from_env(TEST_SECRETS),
         database_url=db_url,
         redis_url=servers.redis_url,
         limits=RateLimitConfig(signin_per_email=3, cors_origins=("https://dash.example",)),

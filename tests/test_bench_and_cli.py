@@ -168,8 +168,8 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         "KIZO_PROXY_FILE": str(proxy_file),
         "KIZO_PG_FSYNC": "off",
     }
-    env.pop("DATABASE_URL", None)
-    env.pop("REDIS_URL", None)
+    for name in ("DATABASE_URL", "REDIS_URL", "KIZO_PEPPER", "KIZO_KEYRING_KEY"):
+        env.pop(name, None)  # embedded servers, and the secrets kizo up makes for them
     records = Path(home) / "modules"
     records.mkdir()
     env = recording_env(records, env)
@@ -201,6 +201,8 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         _deposit_settles_end_to_end(f"http://127.0.0.1:{env['KIZO_API_PORT']}")
         worker = httpx.get(f"http://127.0.0.1:{env['KIZO_WORKER_METRICS_PORT']}/metrics", timeout=5)
         assert "kizo_worker_shards_owned 8.0" in worker.text
+        for secret in ("pepper", "keyring-key"):  # made by kizo up, readable by its user only
+            assert stat.S_IMODE((Path(home) / secret).stat().st_mode) == 0o600
         _valkey_answers_through_the_fault_proxy(env)
         servers = _descendants_alive(proc.pid)
         names = " ".join(p.name() for p in servers)

@@ -17,7 +17,9 @@ from api._problems import Problem
 from infra.config import AuthConfig
 
 # The OWASP configuration with the least memory: quick, and still a legal setting.
-CONFIG = dataclasses.replace(AuthConfig(), argon2_memory_kib=7_168, argon2_time_cost=5)
+CONFIG = dataclasses.replace(
+    AuthConfig(), pepper="hashing-test-pepper-0123", argon2_memory_kib=7_168, argon2_time_cost=5
+)
 HOLD_MAX_S = CONFIG.hash_hold_ms / 1000
 
 
