@@ -11,6 +11,7 @@ payments system is worse than a stopped one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -61,7 +62,10 @@ def children(config: Config) -> list[Child]:
 
 
 def _say(message: str) -> None:
-    print(f"kizo up: {message}", flush=True)
+    # A closed output (a pipe whose reader went away) must not stop the supervisor midway
+    # through stopping its children: that would leave them running.
+    with contextlib.suppress(BrokenPipeError):
+        print(f"kizo up: {message}", flush=True)
 
 
 async def prepare_database(url: str, currency: str) -> list[str]:
