@@ -6,8 +6,10 @@ These tests start real PostgreSQL and Valkey servers of their own (not the sessi
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 import redis
 
@@ -226,3 +229,27 @@ def test_data_kept_in_the_home_by_an_earlier_kizo_moves_to_the_server_users_plac
     finally:
         pg.stop()
         pg.remove_data()
+
+
+def test_a_scratch_system_that_fails_to_start_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault proxy, first of the processes, cannot bind: the servers already started are
+    stopped and the temporary home (with, as root, the server user's data) is removed."""
+    from kizo.system import scratch_system
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        failing = scratch_system({"KIZO_PROXY_API_PORT": str(port)})
+        with pytest.raises(NotReady, match=r"^proxy exited with code") as failure, failing:
+            pass
+    home = Path(str(failure.value).splitlines()[0].rsplit("; log: ", 1)[1]).parent.parent
+    assert home.parent == tmp_path
+    assert list(tmp_path.iterdir()) == [], "the scratch home was left behind"
+    digest = hashlib.sha256(str(home / "pgdata").encode()).hexdigest()[: pg_home.DIGEST_CHARS]
+    assert not (pg_home.SYSTEM_DIR / "data" / digest).exists(), "the server's data was left"
+    left = [p.name() for p in psutil.Process().children(recursive=True)]
+    assert not [name for name in left if name in {"postgres", "valkey-server"}], left
