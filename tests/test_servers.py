@@ -239,6 +239,7 @@ def test_a_scratch_system_that_fails_to_start_leaves_nothing_behind(
     from kizo.system import scratch_system
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    before = _server_processes()  # the session's own servers, if any test started them
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -251,5 +252,12 @@ def test_a_scratch_system_that_fails_to_start_leaves_nothing_behind(
     assert list(tmp_path.iterdir()) == [], "the scratch home was left behind"
     digest = hashlib.sha256(str(home / "pgdata").encode()).hexdigest()[: pg_home.DIGEST_CHARS]
     assert not (pg_home.SYSTEM_DIR / "data" / digest).exists(), "the server's data was left"
-    left = [p.name() for p in psutil.Process().children(recursive=True)]
-    assert not [name for name in left if name in {"postgres", "valkey-server"}], left
+    assert _server_processes() == before, "a server of the scratch system is still running"
+
+
+def _server_processes() -> set[int]:
+    return {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if p.name() in {"postgres", "valkey-server"}
+    }
