@@ -81,9 +81,10 @@ def private_dir() -> Iterator[Path]:
         shutil.rmtree(path)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def system_dir() -> Iterator[Path]:
-    """Run by root: a system dir of the test's own, so the copy of the binaries is made here."""
+    """Run by root: a system dir of this module's own, so the copy of the binaries is made here
+    (once: the copy is keyed by the build, whichever checkout it comes from)."""
     path = Path(f"/var/lib/kizo-test-{uuid.uuid4().hex[:8]}")
     try:
         yield path
@@ -261,3 +262,19 @@ def _server_processes() -> set[int]:
         for p in psutil.Process().children(recursive=True)
         if p.name() in {"postgres", "valkey-server"}
     }
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's server keeps its data elsewhere")
+def test_a_home_deleted_takes_its_data_with_it(tmp_path: Path, system_dir: Path) -> None:
+    pg = EmbeddedPostgres(tmp_path / "pgdata", free_port(), fsync=False, system_dir=system_dir)
+    try:
+        pg.start()
+        _execute(pg.url(), "CREATE TABLE kept (v int)")
+        pg.stop()
+        (tmp_path / "pgdata").unlink()  # as rm -rf .kizo would: the record goes
+        pg.start()
+        assert _query(pg.url(), "SELECT to_regclass('kept') IS NULL") is True
+        assert len(list((system_dir / "data").iterdir())) == 1, "the orphan was kept"
+    finally:
+        pg.stop()
+        pg.remove_data()
