@@ -6,6 +6,7 @@ run, in what order, how one is started (and counted as started), and how they st
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -67,7 +68,10 @@ def _worker(host: str, index: int, of: int, port: int) -> Child:
 
 
 def say_up(message: str) -> None:
-    print(f"kizo up: {message}", flush=True)
+    # A closed output (a pipe whose reader went away) must not stop the supervisor midway
+    # through stopping its children: that would leave them running.
+    with contextlib.suppress(BrokenPipeError):
+        print(f"kizo up: {message}", flush=True)
 
 
 async def prepare_database(url: str, currency: str) -> list[str]:

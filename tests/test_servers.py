@@ -6,8 +6,10 @@ These tests start real PostgreSQL and Valkey servers of their own (not the sessi
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 import redis
 
@@ -78,9 +81,10 @@ def private_dir() -> Iterator[Path]:
         shutil.rmtree(path)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def system_dir() -> Iterator[Path]:
-    """Run by root: a system dir of the test's own, so the copy of the binaries is made here."""
+    """Run by root: a system dir of this module's own, so the copy of the binaries is made here
+    (once: the copy is keyed by the build, whichever checkout it comes from)."""
     path = Path(f"/var/lib/kizo-test-{uuid.uuid4().hex[:8]}")
     try:
         yield path
@@ -223,6 +227,54 @@ def test_data_kept_in_the_home_by_an_earlier_kizo_moves_to_the_server_users_plac
         pg.start()
         assert _query(pg.url(), "SELECT v FROM kept") == 7
         assert (tmp_path / "pgdata").readlink() == place
+    finally:
+        pg.stop()
+        pg.remove_data()
+
+
+def test_a_scratch_system_that_fails_to_start_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault proxy, first of the processes, cannot bind: the servers already started are
+    stopped and the temporary home (with, as root, the server user's data) is removed."""
+    from kizo.system import scratch_system
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    before = _server_processes()  # the session's own servers, if any test started them
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        failing = scratch_system({"KIZO_PROXY_API_PORT": str(port)})
+        with pytest.raises(NotReady, match=r"^proxy exited with code") as failure, failing:
+            pass
+    home = Path(str(failure.value).splitlines()[0].rsplit("; log: ", 1)[1]).parent.parent
+    assert home.parent == tmp_path
+    assert list(tmp_path.iterdir()) == [], "the scratch home was left behind"
+    digest = hashlib.sha256(str(home / "pgdata").encode()).hexdigest()[: pg_home.DIGEST_CHARS]
+    assert not (pg_home.SYSTEM_DIR / "data" / digest).exists(), "the server's data was left"
+    assert _server_processes() == before, "a server of the scratch system is still running"
+
+
+def _server_processes() -> set[int]:
+    return {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if p.name() in {"postgres", "valkey-server"}
+    }
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's server keeps its data elsewhere")
+def test_a_home_deleted_takes_its_data_with_it(tmp_path: Path, system_dir: Path) -> None:
+    pg = EmbeddedPostgres(tmp_path / "pgdata", free_port(), fsync=False, system_dir=system_dir)
+    try:
+        pg.start()
+        _execute(pg.url(), "CREATE TABLE kept (v int)")
+        pg.stop()
+        (tmp_path / "pgdata").unlink()  # as rm -rf .kizo would: the record goes
+        pg.start()
+        assert _query(pg.url(), "SELECT to_regclass('kept') IS NULL") is True
+        assert len(list((system_dir / "data").iterdir())) == 1, "the orphan was kept"
     finally:
         pg.stop()
         pg.remove_data()
