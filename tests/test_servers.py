@@ -237,7 +237,7 @@ def test_a_scratch_system_that_fails_to_start_leaves_nothing_behind(
 ) -> None:
     """The fault proxy, first of the processes, cannot bind: the servers already started are
     stopped and the temporary home (with, as root, the server user's data) is removed."""
-    from kizo.system import scratch_system
+    from infra.system import scratch_system
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     before = _server_processes()  # the session's own servers, if any test started them
