@@ -32,7 +32,7 @@ from api._openapi import DOCS_PAGE, document
 from api._problems import Problem, from_ledger
 from engine import LedgerError, Transaction, get_balance
 from kizo.config import Config
-from kizo.db import create_pool
+from kizo.db import create_pool, redis_client
 from kizo.migrate import pending_migrations
 
 log = structlog.get_logger("kizo.api")
@@ -48,6 +48,9 @@ BACKEND_LOST: tuple[type[Exception], ...] = (
     redis.exceptions.TimeoutError,
 )
 BODY_MAX_BYTES = 64 * 1024
+# A request's Redis command (an enqueue, a refresh token) fails after this: the API answers
+# rather than hangs, and a payment's intent row is the outbox if its enqueue failed.
+REDIS_TIMEOUT_S = 2.0
 KEYRING_TTL_S = 5.0
 M = TypeVar("M", bound=BaseModel)
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,189}\.[^@\s]{2,}$")
@@ -108,6 +111,7 @@ def create_app(config: Config | None = None) -> Quart:
         # idempotency key is in flight elsewhere) turns a longer wait into 409.
         lock_timeout = {"lock_timeout": f"{svc.IDEMPOTENCY_WAIT_MS}ms"}
         pool = await create_pool(config.pg_url(), min_size=2, max_size=10, command_timeout=10,
+                                 acquire_timeout_s=config.pools.wait_s,
                                  server_settings=lock_timeout)  # fmt: skip
         await ensure_key(pool)
         if config.mutation:
@@ -116,10 +120,13 @@ def create_app(config: Config | None = None) -> Quart:
                 mutation=config.mutation,
                 meaning="a broken build, on purpose, to test the chaos checker",
             )
-        redis = Redis.from_url(config.valkey_url(), socket_timeout=2, socket_connect_timeout=2,
-                               max_connections=200)  # fmt: skip
+        pools = config.pools
+        redis = redis_client(config.valkey_url(), connections_max=pools.api_redis_connections_max,
+                             wait_s=pools.wait_s, socket_timeout_s=REDIS_TIMEOUT_S,
+                             connect_timeout_s=pools.redis_connect_timeout_s)  # fmt: skip
         registry = CollectorRegistry()
-        coalescer = Coalescer(QueueSet(redis, config.pipeline.shards))
+        queues = QueueSet(redis, config.pipeline.shards, pools.enqueue_concurrency_max)
+        coalescer = Coalescer(queues)
         registry.register(_CoalescerCollector(coalescer))
         passwords = Passwords(config.auth)
         try:
@@ -375,7 +382,7 @@ def create_app(config: Config | None = None) -> Quart:
         except Problem:
             return await ip_key()
 
-    install(app, config.limits, config.valkey_url(), user_key)
+    install(app, config.limits, config.pools, config.valkey_url(), user_key)
     cors(app, config.limits.cors_origins)
     return app
 

@@ -28,6 +28,8 @@ from typing import Any
 import asyncpg
 
 from kizo.bench_ledger import run_pgbench
+from kizo.config import PoolsConfig
+from kizo.db import create_pool
 from kizo.httpload import LoadClient, Reply
 from kizo.system import System, scratch_system
 
@@ -252,8 +254,9 @@ async def _coalescing(client: LoadClient) -> float:
 
 
 async def _measure(system: System, p: ApiBenchParams) -> dict[str, Any]:
-    pool = await asyncpg.create_pool(system.database_url, min_size=1, max_size=2)
-    assert pool is not None
+    pool = await create_pool(
+        system.database_url, min_size=1, max_size=2, acquire_timeout_s=PoolsConfig.wait_s
+    )
     client = LoadClient(system.api_url, p.clients + p.flood + p.rate + 16, HTTP_TIMEOUT_S)
     try:
         slots = asyncio.Semaphore(SETUP_CONCURRENCY)

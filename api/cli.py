@@ -58,20 +58,20 @@ def _admin(config: Config, args: argparse.Namespace) -> int:
     import getpass
     import sys
 
-    import asyncpg
-
     from api import _service as svc
     from api._auth import Passwords
     from api._problems import Problem
     from kizo import aio
+    from kizo.db import create_pool
 
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass()
     if not 8 <= len(password) <= 128:
         raise UsageError("the password must have 8 to 128 characters")
 
     async def create() -> svc.User:
-        pool = await asyncpg.create_pool(config.pg_url(), min_size=1, max_size=2)
-        assert pool is not None
+        pool = await create_pool(
+            config.pg_url(), min_size=1, max_size=2, acquire_timeout_s=config.pools.wait_s
+        )
         passwords = Passwords(config.auth)
         try:
             return await svc.make_admin(

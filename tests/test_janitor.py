@@ -22,7 +22,7 @@ from engine import BANK_SETTLEMENT, Action, NewIntent, Op, apply_batch, system_a
 from kizo.config import PipelineConfig
 from kizo.servers import free_port
 from tests._ledger_helpers import intents
-from tests._pipeline_helpers import bank_funded, janitor_deps
+from tests._pipeline_helpers import ENQUEUE_CONCURRENCY, bank_funded, janitor_deps
 from tests.conftest import BankProcess, ServerSet, kizo_env
 
 SHARDS = 4
@@ -84,7 +84,7 @@ async def test_attempts_exhausted_flags_needs_attention(deps: JanitorDeps) -> No
 @pytest.mark.asyncio
 async def test_redis_down_the_rest_of_the_pass_still_runs(deps: JanitorDeps) -> None:
     dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
-    broken = dataclasses.replace(deps, queues=QueueSet(dead, SHARDS))
+    broken = dataclasses.replace(deps, queues=QueueSet(dead, SHARDS, ENQUEUE_CONCURRENCY))
     alice, bob = await bank_funded(deps.pool, deps.bank, [100, 0])
     await intents(deps.pool, [NewIntent("transfer", alice, bob, 10)])
     await deps.pool.execute("UPDATE balances SET posted = posted + 1 WHERE account_id = $1", bob)
