@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -17,11 +18,12 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from actors.janitor import JanitorDeps, run_pass
+from actors.janitor_main import open_deps
 from actors.routing import QueueSet, queue_name, shard_for
 from engine import BANK_SETTLEMENT, Action, NewIntent, Op, apply_batch, system_account
-from kizo.config import PipelineConfig
+from kizo.config import Config, PipelineConfig, PoolsConfig
 from kizo.servers import free_port
-from tests._ledger_helpers import intents
+from tests._ledger_helpers import funded, intents
 from tests._pipeline_helpers import ENQUEUE_CONCURRENCY, bank_funded, janitor_deps
 from tests.conftest import BankProcess, ServerSet, kizo_env
 
@@ -62,6 +64,29 @@ async def test_redrive_enqueues_stuck_intents_once_then_backs_off(
     second = await run_pass(deps)
     assert second.redriven == 0  # backoff: next attempt not due yet
     assert await deps.pool.fetchval("SELECT attempts FROM transactions WHERE id = $1", txn) == 1
+
+
+@pytest.mark.asyncio
+async def test_the_janitor_relays_a_backlog_ten_times_its_redis_pool(
+    tmp_path: Path, db_url: str, servers: ServerSet, own_bank: BankProcess, redis_client: Redis
+) -> None:
+    # The janitor's own pools and clients, as `kizo janitor` makes them.
+    config = Config(
+        home=tmp_path,
+        database_url=db_url,
+        redis_url=servers.redis_url,
+        bank_url_override=own_bank.url,
+        pipeline=FAST,
+        pools=PoolsConfig(janitor_redis_connections_max=8),
+    )
+    async with open_deps(config) as deps:
+        users = await funded(deps.pool, [1_000] * 10)
+        pairs = [(users[n % 10], users[(n + 1) % 10]) for n in range(80)]
+        backlog = await intents(deps.pool, [NewIntent("transfer", a, b, 1) for a, b in pairs])
+        summary = await run_pass(deps)
+    assert (summary.redis_ok, summary.redriven) == (True, len(backlog))
+    for txn, (source, _) in zip(backlog, pairs, strict=True):
+        assert await _job_exists(redis_client, f"{txn}#1", source)
 
 
 @pytest.mark.asyncio
