@@ -87,9 +87,9 @@ class QueueSet:
 
     async def enqueue(self, items: Sequence[Routed]) -> int:
         """Enqueue each intent on its shard; returns how many were new jobs (the rest were
-        already queued or running). Raises redis errors (the first, once every enqueue has
-        ended): the caller decides whether the intent row, which stays pending, is enough (the
-        API) or whether to retry (the relay)."""
+        already queued or running). Raises the first redis error (once the enqueues already
+        running have ended; none starts after it): the caller decides whether the intent row,
+        which stays pending, is enough (the API) or whether to retry (the relay)."""
         created = await self._bounded([functools.partial(self._enqueue_one, i) for i in items])
         return sum(created)
 

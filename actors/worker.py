@@ -55,6 +55,8 @@ def owned_shards(total: int, index: int, of: int) -> list[int]:
 
 async def _settle_many(ctx: SettleContext, *, items: list[list[str]]) -> None:
     registry = ctx["registry"]
+    # At most SETTLE_MANY_MAX items, each waiting on its actor's bounded mailbox (not a pool):
+    # the committer's flushers are what use the database pool.
     await asyncio.gather(
         *(registry.submit(uuid.UUID(account), uuid.UUID(txn)) for txn, account in items)
     )
