@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import AsyncIterator
 
 import asyncpg
 import structlog
 from prometheus_client import Counter, Gauge, start_http_server
-from redis.asyncio import Redis
 
 from actors.bank_client import BankClient
 from actors.janitor import JanitorDeps, PassSummary, run_pass
 from actors.routing import QueueSet
 from infra.config import Config
+from infra.db import create_pool, redis_client
 
 log = structlog.get_logger("kizo.janitor")
+
+# The audit scans whole tables: longer than any request's statement, still bounded.
+JANITOR_STATEMENT_TIMEOUT_S = 60
 
 FINDINGS = Gauge("kizo_janitor_findings", "Open findings of the last pass", ["kind"])
 NEEDS_ATTENTION = Gauge("kizo_needs_attention", "Pending intents past their re-drive limit")
@@ -35,18 +39,36 @@ def _publish(summary: PassSummary) -> None:
     PASSES.labels("clean" if not summary.findings else "findings").inc()
 
 
+@contextlib.asynccontextmanager
+async def open_deps(config: Config) -> AsyncIterator[JanitorDeps]:
+    """The janitor's pools and clients, sized by ``config.pools``; closed on exit."""
+    p, pools = config.pipeline, config.pools
+    pool = await create_pool(
+        config.pg_url(),
+        min_size=1,
+        max_size=pools.janitor_pg_connections_max,
+        acquire_timeout_s=pools.wait_s,
+        command_timeout=JANITOR_STATEMENT_TIMEOUT_S,
+    )
+    redis = redis_client(
+        config.valkey_url(),
+        connections_max=pools.janitor_redis_connections_max,
+        wait_s=pools.wait_s,
+        socket_timeout_s=pools.redis_socket_timeout_s,
+        connect_timeout_s=pools.redis_connect_timeout_s,
+    )
+    bank = BankClient(config.bank_url(), timeout_s=p.bank_timeout_s, retries_max=p.bank_retries_max)
+    try:
+        yield JanitorDeps(pool, QueueSet(redis, p.shards, pools.enqueue_concurrency_max), bank, p)
+    finally:
+        await bank.aclose()
+        await redis.aclose()
+        await pool.close()
+
+
 async def main(config: Config, *, once: bool) -> int:
     p = config.pipeline
-    pool = await asyncpg.create_pool(config.pg_url(), min_size=1, max_size=3, command_timeout=60)
-    assert pool is not None
-    redis = Redis.from_url(config.valkey_url(), socket_timeout=5, socket_connect_timeout=2)
-    bank = BankClient(
-        config.bank_url(),
-        timeout_s=p.bank_timeout_s,
-        retries_max=p.bank_retries_max,
-    )
-    deps = JanitorDeps(pool, QueueSet(redis, p.shards), bank, p)
-    try:
+    async with open_deps(config) as deps:
         if once:
             summary = await run_pass(deps)
             print(summary.line())
@@ -56,10 +78,6 @@ async def main(config: Config, *, once: bool) -> int:
         start_http_server(p.janitor_metrics_port, addr=config.host)
         await _loop(deps, p.janitor_interval_s)
         return 0
-    finally:
-        await bank.aclose()
-        await redis.aclose()
-        await pool.close()
 
 
 async def _loop(deps: JanitorDeps, interval_s: float) -> None:

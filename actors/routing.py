@@ -10,10 +10,12 @@ whose job already completed is a no-op in the ledger (the batch guards on status
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from redis.asyncio import Redis
 from saq.queue.redis import RedisQueue
@@ -30,6 +32,7 @@ QUEUE_PREFIX = "settle-"
 JOB_TIMEOUT_S = 15
 JOB_RETRIES_MAX = 5
 JOB_TTL_S = 600
+T = TypeVar("T")
 
 
 def shard_for(account_id: uuid.UUID | str, shards: int) -> int:
@@ -63,11 +66,20 @@ class Routed:
 
 
 class QueueSet:
-    """The N ``settle-*`` queues, sharing one Redis client."""
+    """The N ``settle-*`` queues, sharing one Redis client.
 
-    def __init__(self, redis: Redis, shards: int) -> None:
+    Its enqueues run in parallel (a relay's intents, a flush's groups), at most
+    ``concurrency_max`` at once and never more than the client's pool holds: redis-py's plain
+    pool fails an enqueue that finds it full, and even a pool that waits would hold a backlog
+    of thousands in its queue until its wait timed out."""
+
+    def __init__(self, redis: Redis, shards: int, concurrency_max: int) -> None:
+        assert concurrency_max >= 1
         self.redis = redis
         self.shards = shards
+        pool_max = getattr(redis.connection_pool, "max_connections", concurrency_max)
+        self.concurrency_max = min(concurrency_max, pool_max)
+        self._slots = asyncio.Semaphore(self.concurrency_max)
         self.queues = [RedisQueue(redis, name=queue_name(n)) for n in range(shards)]
 
     def for_account(self, account_id: uuid.UUID) -> RedisQueue:
@@ -75,21 +87,23 @@ class QueueSet:
 
     async def enqueue(self, items: Sequence[Routed]) -> int:
         """Enqueue each intent on its shard; returns how many were new jobs (the rest were
-        already queued or running). Raises redis errors: the caller decides whether the
-        intent row, which stays pending, is enough (the API) or whether to retry (the relay)."""
-        created = 0
-        for item in items:
-            job = await self.for_account(item.account_id).enqueue(
-                SETTLE_JOB,
-                key=item.job_key,
-                timeout=JOB_TIMEOUT_S,
-                retries=JOB_RETRIES_MAX,
-                ttl=JOB_TTL_S,
-                txn_id=str(item.txn_id),
-                account_id=str(item.account_id),
-            )
-            created += job is not None
-        return created
+        already queued or running). Raises the first redis error (once the enqueues already
+        running have ended; none starts after it): the caller decides whether the intent row,
+        which stays pending, is enough (the API) or whether to retry (the relay)."""
+        created = await self._bounded([functools.partial(self._enqueue_one, i) for i in items])
+        return sum(created)
+
+    async def _enqueue_one(self, item: Routed) -> bool:
+        job = await self.for_account(item.account_id).enqueue(
+            SETTLE_JOB,
+            key=item.job_key,
+            timeout=JOB_TIMEOUT_S,
+            retries=JOB_RETRIES_MAX,
+            ttl=JOB_TTL_S,
+            txn_id=str(item.txn_id),
+            account_id=str(item.account_id),
+        )
+        return job is not None
 
     async def enqueue_grouped(
         self, items: Sequence[Routed], per_job_max: int = SETTLE_MANY_MAX
@@ -105,9 +119,37 @@ class QueueSet:
             for shard, routed in by_shard.items()
             for start in range(0, len(routed), per_job_max)
         ]
-        # One round trip per group, the groups in parallel (they go to different queues).
-        await asyncio.gather(*(self._enqueue_group(shard, group) for shard, group in groups))
+        await self._bounded([functools.partial(self._enqueue_group, s, g) for s, g in groups])
         return len(groups)
+
+    async def _bounded(self, calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+        """Run ``calls`` with at most ``concurrency_max`` in Redis at once (across every caller
+        of this QueueSet). After a failure no further call starts (Redis is likely down: the
+        rest would only wait out their timeouts); the first error is raised once the calls
+        already running have ended, so none is left running unowned."""
+        if len(calls) == 1:  # the API's lone intent: no task to start
+            async with self._slots:
+                return [await calls[0]()]
+        results: list[T] = []  # in no particular order
+        errors: list[Exception] = []
+        pending = iter(calls)
+
+        async def runner() -> None:
+            for call in pending:  # shared: each call goes to one runner
+                if errors:
+                    return
+                async with self._slots:
+                    try:
+                        results.append(await call())
+                    except Exception as exc:
+                        errors.append(exc)
+
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(min(self.concurrency_max, len(calls))):
+                tg.create_task(runner())
+        if errors:
+            raise errors[0]
+        return results
 
     async def _enqueue_group(self, shard: int, group: Sequence[Routed]) -> None:
         await self.queues[shard].enqueue(

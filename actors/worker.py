@@ -21,7 +21,6 @@ from typing import Any
 
 import structlog
 from prometheus_client import Gauge, start_http_server
-from redis.asyncio import Redis
 from saq import Worker
 from saq.types import Context, PartialTimersDict
 
@@ -30,7 +29,7 @@ from actors._committer import Committer
 from actors.bank_client import BankClient
 from actors.routing import SETTLE_JOB, SETTLE_MANY_JOB, QueueSet
 from infra.config import Config
-from infra.db import create_pool
+from infra.db import create_pool, redis_client
 
 log = structlog.get_logger("kizo.worker")
 
@@ -42,6 +41,9 @@ SHARD_CONCURRENCY_MIN = 20
 SWEEP_INTERVAL_S = 5
 UPKEEP_CONNECTIONS = 8
 SHARDS_OWNED = Gauge("kizo_worker_shards_owned", "Shards this worker consumes")
+DEQUEUE_TIMEOUT_S = 1.0
+# Longer than a blocking dequeue (DEQUEUE_TIMEOUT_S), which waits on its socket.
+WORKER_REDIS_SOCKET_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ def owned_shards(total: int, index: int, of: int) -> list[int]:
 
 async def _settle_many(ctx: SettleContext, *, items: list[list[str]]) -> None:
     registry = ctx["registry"]
+    # At most SETTLE_MANY_MAX items, each waiting on its actor's bounded mailbox (not a pool):
+    # the committer's flushers are what use the database pool.
     await asyncio.gather(
         *(registry.submit(uuid.UUID(account), uuid.UUID(txn)) for txn, account in items)
     )
@@ -80,19 +84,23 @@ async def run_worker(config: Config, spec: WorkerSpec, stop: asyncio.Event) -> N
         spec.database_url,
         min_size=2,
         max_size=DB_POOL_SIZE,
+        acquire_timeout_s=config.pools.wait_s,
         command_timeout=config.ledger.statement_timeout_ms / 1000,
     )
     # The process's concurrency is shared by its shard consumers; every one of their jobs may
-    # hold a Redis connection (a blocking dequeue, a finish), plus each consumer's upkeep.
+    # hold a Redis connection (a blocking dequeue, a finish), plus each consumer's upkeep. The
+    # pool waits when full (SAQ's consumers are not bounded below it): a blocking dequeue holds
+    # its connection for at most DEQUEUE_TIMEOUT_S, far less than the wait.
     per_shard = max(SHARD_CONCURRENCY_MIN, p.worker_concurrency // len(spec.shards))
-    redis = Redis.from_url(
+    redis = redis_client(
         spec.redis_url,
-        max_connections=per_shard * len(spec.shards) + UPKEEP_CONNECTIONS * len(spec.shards),
-        socket_timeout=10,
-        socket_connect_timeout=5,
+        connections_max=(per_shard + UPKEEP_CONNECTIONS) * len(spec.shards),
+        wait_s=config.pools.wait_s,
+        socket_timeout_s=WORKER_REDIS_SOCKET_TIMEOUT_S,
+        connect_timeout_s=config.pools.redis_connect_timeout_s,
     )
     bank = BankClient(spec.bank_url, timeout_s=p.bank_timeout_s, retries_max=p.bank_retries_max)
-    queues = QueueSet(redis, p.shards)
+    queues = QueueSet(redis, p.shards, config.pools.enqueue_concurrency_max)
     committer = Committer(pool, ops_max=config.ledger.batch_size_max, flushers=DB_POOL_SIZE - 1)
     limits = Limits(
         p.mailbox_size_max,
@@ -137,7 +145,7 @@ def _saq_worker(queue: Any, registry: Registry, concurrency: int) -> Worker[Sett
         functions=[(SETTLE_JOB, _settle), (SETTLE_MANY_JOB, _settle_many)],
         concurrency=concurrency,
         shutdown_grace_period_s=SHUTDOWN_GRACE_S,
-        dequeue_timeout=1.0,
+        dequeue_timeout=DEQUEUE_TIMEOUT_S,
         # Sweep for the stuck jobs of dead workers often (SAQ's default is once a minute).
         timers=PartialTimersDict(schedule=1, worker_info=10, sweep=SWEEP_INTERVAL_S, abort=1),
     )

@@ -13,16 +13,32 @@ from quart_rate_limiter.redis_store import RedisStore
 
 from api._problems import Problem
 from api.routes import PAYMENTS, SIGNIN, SIGNUP
-from infra.config import RateLimitConfig
+from infra.config import PoolsConfig, RateLimitConfig
+from infra.db import redis_client
 
 MINUTE = timedelta(minutes=1)
 CORS_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
 CORS_EXPOSE = "Idempotent-Replayed, X-Request-ID, Retry-After, RateLimit-Limit, RateLimit-Remaining"
 CORS_MAX_AGE_S = 600
+RATE_LIMIT_REDIS_TIMEOUT_S = 2.0  # a limit check is on every request's path: fail fast
 
 
 class _Store(RedisStore):
-    """RedisStore closing its client with ``aclose`` (its ``close`` is deprecated in redis 5)."""
+    """RedisStore on a pool that waits when full (its own from_url pool is unbounded), closing
+    its client with ``aclose`` (its ``close`` is deprecated in redis 5)."""
+
+    def __init__(self, redis_url: str, pools: PoolsConfig) -> None:
+        super().__init__(redis_url)
+        self._url, self._pools = redis_url, pools
+
+    async def before_serving(self) -> None:
+        self._redis = redis_client(
+            self._url,
+            connections_max=self._pools.api_redis_connections_max,
+            wait_s=self._pools.wait_s,
+            socket_timeout_s=RATE_LIMIT_REDIS_TIMEOUT_S,
+            connect_timeout_s=self._pools.redis_connect_timeout_s,
+        )
 
     async def after_serving(self) -> None:
         if self._redis is not None:
@@ -44,11 +60,11 @@ async def email_key() -> str:
     return f"email:{email}" if email else await ip_key()
 
 
-def install(app: Quart, limits: RateLimitConfig, redis_url: str,
+def install(app: Quart, limits: RateLimitConfig, pools: PoolsConfig, redis_url: str,
             user_key: Callable[[], Awaitable[str]]) -> None:  # fmt: skip
     if not limits.enabled:
         return
-    RateLimiter(app, key_function=ip_key, store=_Store(redis_url, socket_timeout=2),
+    RateLimiter(app, key_function=ip_key, store=_Store(redis_url, pools),
                 default_limits=[RateLimit(limits.default_per_ip, MINUTE)])  # fmt: skip
 
     def limit(endpoint: str, *rules: RateLimit) -> None:

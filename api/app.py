@@ -16,7 +16,6 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 from quart import Quart, Response, g, request
-from redis.asyncio import Redis
 
 from actors import Coalescer, QueueSet
 from api import _service as svc
@@ -29,7 +28,7 @@ from api._state import STATE_KEY, State, state
 from api.routes import BLUEPRINTS
 from engine import LedgerError
 from infra.config import Config
-from infra.db import create_pool
+from infra.db import create_pool, redis_client
 
 __all__ = ["BACKEND_LOST", "BODY_MAX_BYTES", "KEYRING_TTL_S", "create_app"]
 log = structlog.get_logger("kizo.api")
@@ -45,6 +44,9 @@ BACKEND_LOST: tuple[type[Exception], ...] = (
     redis.exceptions.TimeoutError,
 )
 REQUEST_ID_MAX = 64
+# A request's Redis command (an enqueue, a refresh token) fails after this: the API answers
+# rather than hangs, and a payment's intent row is the outbox if its enqueue failed.
+REDIS_TIMEOUT_S = 2.0
 
 
 def create_app(config: Config | None = None) -> Quart:
@@ -57,7 +59,7 @@ def create_app(config: Config | None = None) -> Quart:
     error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
-    install(app, config.limits, config.valkey_url(), user_key)
+    install(app, config.limits, config.pools, config.valkey_url(), user_key)
     cors(app, config.limits.cors_origins)
     return app
 
@@ -71,6 +73,7 @@ def lifecycle(app: Quart, config: Config) -> None:
         # idempotency key is in flight elsewhere) turns a longer wait into 409.
         lock_timeout = {"lock_timeout": f"{svc.IDEMPOTENCY_WAIT_MS}ms"}
         pool = await create_pool(config.pg_url(), min_size=2, max_size=10, command_timeout=10,
+                                 acquire_timeout_s=config.pools.wait_s,
                                  server_settings=lock_timeout)  # fmt: skip
         keys = await ensure_key(pool, config.auth.keyring_key)
         if config.mutation:
@@ -79,10 +82,13 @@ def lifecycle(app: Quart, config: Config) -> None:
                 mutation=config.mutation,
                 meaning="a broken build, on purpose, to test the chaos checker",
             )
-        redis = Redis.from_url(config.valkey_url(), socket_timeout=2, socket_connect_timeout=2,
-                               max_connections=200)  # fmt: skip
+        pools = config.pools
+        redis = redis_client(config.valkey_url(), connections_max=pools.api_redis_connections_max,
+                             wait_s=pools.wait_s, socket_timeout_s=REDIS_TIMEOUT_S,
+                             connect_timeout_s=pools.redis_connect_timeout_s)  # fmt: skip
         registry = CollectorRegistry()
-        coalescer = Coalescer(QueueSet(redis, config.pipeline.shards))
+        queues = QueueSet(redis, config.pipeline.shards, pools.enqueue_concurrency_max)
+        coalescer = Coalescer(queues)
         registry.register(_CoalescerCollector(coalescer))
         passwords = Passwords(config.auth)
         try:

@@ -84,12 +84,11 @@ def _admin(config: Config, args: argparse.Namespace) -> int:
     import getpass
     import sys
 
-    import asyncpg
-
     from api import _service as svc
     from api._auth import Passwords, require_secrets
     from api._problems import Problem
     from infra import aio
+    from infra.db import create_pool
     from infra.devsecrets import with_dev_secrets
 
     config = with_dev_secrets(config)  # beside `kizo up`: the pepper it keeps in KIZO_HOME
@@ -100,8 +99,9 @@ def _admin(config: Config, args: argparse.Namespace) -> int:
         raise UsageError("the password must have 8 to 128 characters")
 
     async def create() -> svc.User:
-        pool = await asyncpg.create_pool(config.pg_url(), min_size=1, max_size=2)
-        assert pool is not None
+        pool = await create_pool(
+            config.pg_url(), min_size=1, max_size=2, acquire_timeout_s=config.pools.wait_s
+        )
         passwords = Passwords(config.auth)
         try:
             return await svc.make_admin(

@@ -120,6 +120,24 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class PoolsConfig:
+    """Connection pools and the fan-outs over them (infra.db). A pool that is full makes its
+    callers wait up to ``wait_s`` for a connection, never fail at once; every fan-out over a
+    pool is bounded below the pool's size."""
+
+    wait_s: float = 10.0  # the longest wait for a free PostgreSQL or Redis connection
+    redis_socket_timeout_s: float = 5.0
+    redis_connect_timeout_s: float = 2.0
+    # Per API process: requests (refresh tokens, readiness) and the enqueue flusher share it;
+    # the rate limiter has a pool of the same size of its own.
+    api_redis_connections_max: int = 64
+    janitor_redis_connections_max: int = 8
+    janitor_pg_connections_max: int = 3
+    # Enqueues one QueueSet has in Redis at once (grouped jobs of a flush, intents of a relay).
+    enqueue_concurrency_max: int = 16
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """Password hashing and tokens (issue 3/8)."""
 
@@ -242,6 +260,7 @@ class Config:
     mutation: str = ""
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    pools: PoolsConfig = field(default_factory=PoolsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: RateLimitConfig = field(default_factory=RateLimitConfig)
 
@@ -312,6 +331,15 @@ class Config:
             worker_metrics_port=_int(env, "KIZO_WORKER_METRICS_PORT", 8210, low=1, high=65535 - 64),
             bank_timeout_s=_float(env, "KIZO_BANK_TIMEOUT_S", 5.0, low=0.05, high=120),
         )
+        pools = PoolsConfig(
+            wait_s=_float(env, "KIZO_POOL_WAIT_S", PoolsConfig.wait_s, low=0.1, high=600),
+            api_redis_connections_max=_int(
+                env, "KIZO_API_REDIS_CONNECTIONS_MAX", 64, low=4, high=10_000
+            ),
+            enqueue_concurrency_max=_int(
+                env, "KIZO_ENQUEUE_CONCURRENCY_MAX", 16, low=1, high=1_000
+            ),
+        )
         auth = _auth(env)
         per_minute = {"low": 1, "high": 1_000_000}
         limits = RateLimitConfig(
@@ -341,6 +369,7 @@ class Config:
             pg_fsync=_str(env, "KIZO_PG_FSYNC", "on").lower() not in {"off", "0", "false", "no"},
             ledger=ledger,
             pipeline=pipeline,
+            pools=pools,
             auth=auth,
             limits=limits,
             mutation=_mutation(env, home),

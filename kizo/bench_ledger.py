@@ -43,6 +43,8 @@ from engine import (
     system_account,
 )
 from infra import aio
+from infra.config import PoolsConfig
+from infra.db import create_pool
 from infra.migrate import migrate
 from infra.servers import EmbeddedPostgres, free_port, pg_bin_dir
 
@@ -172,8 +174,10 @@ async def _workload(
     name: str, url: str, accounts: list[uuid.UUID], p: LedgerBenchParams, rng: random.Random
 ) -> WorkloadResult:
     ids = await _create(url, _pairs(name, accounts, p.transfers, rng), p, rng)
-    pool = await asyncpg.create_pool(url, min_size=p.clients, max_size=p.clients)
-    assert pool is not None
+    # One connection per client, held for the whole run: nothing waits for the pool.
+    pool = await create_pool(
+        url, min_size=p.clients, max_size=p.clients, acquire_timeout_s=PoolsConfig.wait_s
+    )
     try:
         seconds, latencies = await _apply_all(pool, ids, p)
     finally:

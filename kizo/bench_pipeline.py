@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
 
 from actors.routing import QueueSet, Routed
 from engine import (
@@ -37,10 +36,13 @@ from engine import (
     audit,
     create_intents,
 )
+from infra.config import PoolsConfig
+from infra.db import create_pool, redis_client
 from infra.servers import EmbeddedPostgres, EmbeddedValkey, free_port
 from kizo.bench_ledger import run_pgbench, setup_funded_ledger
 
 TICK_S = 0.05
+# Enqueues in Redis at once: the same for one job per intent and for grouped jobs.
 ENQUEUE_CONCURRENCY = 64
 WAIT_S_MAX = 300.0
 
@@ -81,8 +83,7 @@ async def _enqueue(queues: QueueSet, items: Sequence[Routed], grouped: bool) -> 
     if grouped:
         await queues.enqueue_grouped(items)
         return
-    chunks = [items[i::ENQUEUE_CONCURRENCY] for i in range(ENQUEUE_CONCURRENCY)]
-    await asyncio.gather(*(queues.enqueue(chunk) for chunk in chunks if chunk))
+    await queues.enqueue(items)  # ENQUEUE_CONCURRENCY at once
 
 
 async def _wait_settled(pool: asyncpg.Pool, ids: Sequence[uuid.UUID]) -> None:
@@ -187,11 +188,17 @@ async def _measure(p: PipelineBenchParams, pg: EmbeddedPostgres, redis_url: str)
     rng = random.Random(p.seed)
     users = await setup_funded_ledger(url, p.accounts, "USD")
     workers = _start_workers(p, url, redis_url)
-    pool = await asyncpg.create_pool(url, min_size=2, max_size=4)
-    assert pool is not None
-    redis = Redis.from_url(redis_url, max_connections=ENQUEUE_CONCURRENCY + 8)
+    pools = PoolsConfig()
+    pool = await create_pool(url, min_size=2, max_size=4, acquire_timeout_s=pools.wait_s)
+    redis = redis_client(
+        redis_url,
+        connections_max=ENQUEUE_CONCURRENCY + 8,
+        wait_s=pools.wait_s,
+        socket_timeout_s=pools.redis_socket_timeout_s,
+        connect_timeout_s=pools.redis_connect_timeout_s,
+    )
     try:
-        queues = QueueSet(redis, p.shards)
+        queues = QueueSet(redis, p.shards, ENQUEUE_CONCURRENCY)
         await _capacity(pool, queues, _pairs(users, 500, False, rng))  # warm-up
         per_job_per_s = await _capacity(
             pool, queues, _pairs(users, p.transfers // 2, False, rng), grouped=False

@@ -18,11 +18,12 @@ from actors.bank_client import BankClient
 from actors.janitor import JanitorDeps, PassSummary, run_pass
 from actors.routing import QueueSet, Routed, actor_account
 from engine import BANK_SETTLEMENT, Action, NewIntent, Op, apply_batch, system_account
-from infra.config import PipelineConfig
+from infra.config import PipelineConfig, PoolsConfig
 from tests._ledger_helpers import funded, intents
 from tests.conftest import ServerSet, kizo_env
 
 SHARDS = 4
+ENQUEUE_CONCURRENCY = PoolsConfig.enqueue_concurrency_max
 
 
 def start_worker(
@@ -51,7 +52,7 @@ async def enqueue(pool: asyncpg.Pool, redis_url: str, txn_ids: Sequence[uuid.UUI
     )
     redis = Redis.from_url(redis_url, socket_timeout=5)
     try:
-        queues = QueueSet(redis, SHARDS)
+        queues = QueueSet(redis, SHARDS, ENQUEUE_CONCURRENCY)
         items = [
             Routed(r["id"], actor_account(r["kind"], r["source_id"], r["dest_id"])) for r in rows
         ]
@@ -114,6 +115,6 @@ async def janitor_deps(
     """The janitor's dependencies on the test's database, Valkey and bank."""
     bank = BankClient(bank_url, timeout_s=2, retries_max=1)
     try:
-        yield JanitorDeps(pool, QueueSet(redis, config.shards), bank, config)
+        yield JanitorDeps(pool, QueueSet(redis, config.shards, ENQUEUE_CONCURRENCY), bank, config)
     finally:
         await bank.aclose()

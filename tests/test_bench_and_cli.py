@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -62,6 +63,44 @@ def test_bench_api_compares_payment_latency_with_and_without_a_signin_flood() ->
     assert f["flood_vs_base_p99"] == pytest.approx(f["flood_p99_ms"] / f["base_p99_ms"], abs=0.03)
     assert f["signin_statuses"].get("200", 0) > 0
     assert set(f["signin_statuses"]) <= {"200", "503"}
+    # Every answer is counted and timed, not only the 202s.
+    assert t["answer_classes"]["202"] == accepted == sum(t["answer_classes"].values())
+    assert t["all_latency_p99_ms"] >= t["latency_p50_ms"]
+    assert f["base_answers"] == f["base_payments"] and f["flood_answers"] == f["flood_payments"]
+
+
+@pytest.mark.asyncio
+async def test_bench_api_counts_and_times_every_answer_errors_and_timeouts_included() -> None:
+    from kizo.bench_api import Tally, answer
+
+    from kizo.httpload import LoadClient
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        path = head.split(b" ", 2)[1].decode()
+        if path == "/hang":
+            await asyncio.sleep(3600)  # no answer: the client's timeout
+        writer.write(f"HTTP/1.1 {path[1:]} X\r\nContent-Length: 0\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = LoadClient(f"http://127.0.0.1:{port}", connections=8, timeout_s=0.5)
+    refused = LoadClient(f"http://127.0.0.1:{free_port()}", connections=1, timeout_s=0.5)
+    tally = Tally()
+    try:
+        for path in ("/202", "/202", "/404", "/429", "/500", "/503", "/hang"):
+            tally.add((await answer(client.get(path)))[0], 1.0)
+        tally.add((await answer(refused.get("/")))[0], 1.0)
+    finally:
+        await client.aclose()
+        server.close()
+    assert tally.statuses == {"202": 2, "404": 1, "429": 1, "500": 1, "503": 1,
+                              "connection_error": 1, "timeout": 1}  # fmt: skip
+    assert tally.classes() == {"202": 2, "other_2xx": 0, "4xx": 1, "429": 1, "503": 1, "5xx": 1,
+                               "timeout": 1, "connection_error": 1}  # fmt: skip
+    assert (len(tally.latencies_ms), len(tally.accepted_ms)) == (8, 2)
 
 
 def _kizo(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -17,12 +18,13 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from actors.janitor import JanitorDeps, run_pass
+from actors.janitor_main import open_deps
 from actors.routing import QueueSet, queue_name, shard_for
 from engine import BANK_SETTLEMENT, Action, NewIntent, Op, apply_batch, system_account
-from infra.config import PipelineConfig
+from infra.config import Config, PipelineConfig, PoolsConfig
 from infra.servers import free_port
-from tests._ledger_helpers import intents
-from tests._pipeline_helpers import bank_funded, janitor_deps
+from tests._ledger_helpers import funded, intents
+from tests._pipeline_helpers import ENQUEUE_CONCURRENCY, bank_funded, janitor_deps
 from tests.conftest import BankProcess, ServerSet, kizo_env
 
 SHARDS = 4
@@ -65,6 +67,29 @@ async def test_redrive_enqueues_stuck_intents_once_then_backs_off(
 
 
 @pytest.mark.asyncio
+async def test_the_janitor_relays_a_backlog_ten_times_its_redis_pool(
+    tmp_path: Path, db_url: str, servers: ServerSet, own_bank: BankProcess, redis_client: Redis
+) -> None:
+    # The janitor's own pools and clients, as `kizo janitor` makes them.
+    config = Config(
+        home=tmp_path,
+        database_url=db_url,
+        redis_url=servers.redis_url,
+        bank_url_override=own_bank.url,
+        pipeline=FAST,
+        pools=PoolsConfig(janitor_redis_connections_max=8),
+    )
+    async with open_deps(config) as deps:
+        users = await funded(deps.pool, [1_000] * 10)
+        pairs = [(users[n % 10], users[(n + 1) % 10]) for n in range(80)]
+        backlog = await intents(deps.pool, [NewIntent("transfer", a, b, 1) for a, b in pairs])
+        summary = await run_pass(deps)
+    assert (summary.redis_ok, summary.redriven) == (True, len(backlog))
+    for txn, (source, _) in zip(backlog, pairs, strict=True):
+        assert await _job_exists(redis_client, f"{txn}#1", source)
+
+
+@pytest.mark.asyncio
 async def test_attempts_exhausted_flags_needs_attention(deps: JanitorDeps) -> None:
     alice, bob = await bank_funded(deps.pool, deps.bank, [100, 0])
     [txn] = await intents(deps.pool, [NewIntent("transfer", alice, bob, 10)])
@@ -84,7 +109,7 @@ async def test_attempts_exhausted_flags_needs_attention(deps: JanitorDeps) -> No
 @pytest.mark.asyncio
 async def test_redis_down_the_rest_of_the_pass_still_runs(deps: JanitorDeps) -> None:
     dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
-    broken = dataclasses.replace(deps, queues=QueueSet(dead, SHARDS))
+    broken = dataclasses.replace(deps, queues=QueueSet(dead, SHARDS, ENQUEUE_CONCURRENCY))
     alice, bob = await bank_funded(deps.pool, deps.bank, [100, 0])
     await intents(deps.pool, [NewIntent("transfer", alice, bob, 10)])
     await deps.pool.execute("UPDATE balances SET posted = posted + 1 WHERE account_id = $1", bob)

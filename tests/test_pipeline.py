@@ -17,7 +17,14 @@ from actors.routing import Coalescer, QueueSet, Routed
 from engine import BANK_SETTLEMENT, NewIntent, audit, system_account
 from infra.servers import free_port
 from tests._ledger_helpers import funded, intents
-from tests._pipeline_helpers import SHARDS, enqueue, start_worker, stop_worker, wait_final
+from tests._pipeline_helpers import (
+    ENQUEUE_CONCURRENCY,
+    SHARDS,
+    enqueue,
+    start_worker,
+    stop_worker,
+    wait_final,
+)
 from tests.conftest import ServerSet
 
 
@@ -112,7 +119,7 @@ async def test_grouped_jobs_settle_every_intent_once(
     )
     redis = Redis.from_url(servers.redis_url, socket_timeout=5)
     try:
-        queues = QueueSet(redis, SHARDS)
+        queues = QueueSet(redis, SHARDS, ENQUEUE_CONCURRENCY)
         items = [Routed(r["id"], r["source_id"]) for r in rows]
         jobs = await queues.enqueue_grouped(items, per_job_max=50)
         assert SHARDS <= jobs <= len(items) // 50 + SHARDS
@@ -144,7 +151,7 @@ async def test_coalescer_groups_concurrent_enqueues_and_every_intent_settles_onc
         "SELECT id, source_id FROM transactions WHERE id = ANY($1::uuid[])", ids
     )
     redis = Redis.from_url(servers.redis_url, socket_timeout=5)
-    coalescer = Coalescer(QueueSet(redis, SHARDS))
+    coalescer = Coalescer(QueueSet(redis, SHARDS, ENQUEUE_CONCURRENCY))
     flusher = asyncio.create_task(coalescer.run())
     try:
         # One task per intent, as one API request each; a lone one first (a plain job).
@@ -174,7 +181,7 @@ async def test_coalescer_hands_a_redis_failure_to_every_caller_of_the_flush() ->
     # as left to the outbox relay); the flusher itself keeps running.
     redis = Redis.from_url(f"redis://127.0.0.1:{free_port()}", socket_timeout=1,
                            socket_connect_timeout=1)  # fmt: skip
-    coalescer = Coalescer(QueueSet(redis, SHARDS))
+    coalescer = Coalescer(QueueSet(redis, SHARDS, ENQUEUE_CONCURRENCY))
     flusher = asyncio.create_task(coalescer.run())
     try:
         items = [Routed(uuid.uuid4(), uuid.uuid4()) for _ in range(20)]

@@ -25,6 +25,7 @@ from engine import BANK_SETTLEMENT, NewIntent, system_account
 from infra.config import PipelineConfig
 from tests._ledger_helpers import intents
 from tests._pipeline_helpers import (
+    ENQUEUE_CONCURRENCY,
     SHARDS,
     bank_funded,
     enqueue,
@@ -135,7 +136,9 @@ async def test_redis_down_while_intents_are_created_then_back(
         await asyncio.sleep(FAST.redrive_after_s)
         fresh = Redis.from_url(servers.redis_url, socket_timeout=5)
         try:
-            relay = JanitorDeps(deps.pool, QueueSet(fresh, SHARDS), deps.bank, FAST)
+            relay = JanitorDeps(
+                deps.pool, QueueSet(fresh, SHARDS, ENQUEUE_CONCURRENCY), deps.bank, FAST
+            )
             summary = await janitor_until_quiet(relay)
             assert summary.redis_ok
             await wait_final(deps.pool, ids, timeout_s=60)

@@ -19,6 +19,7 @@ import structlog
 from chaos.mockbank import store
 from chaos.mockbank.app import create_asgi
 from chaos.mockbank.settings import BankSettings, database_name, with_database
+from infra.db import create_pool
 from infra.migrate import migrate
 
 STOP_TIMEOUT_S = 15.0
@@ -67,14 +68,16 @@ async def ensure_database(url: str) -> None:
 
 async def open_pool(settings: BankSettings) -> asyncpg.Pool:
     await ensure_database(settings.database_url)
-    pool = await asyncpg.create_pool(
+    # Its own fetch/execute wait for a connection at most db_timeout_s too (asyncpg's would
+    # wait forever when every connection is busy).
+    pool = await create_pool(
         settings.database_url,
         min_size=1,
         max_size=settings.pool_size_max,
+        acquire_timeout_s=settings.db_timeout_s,
         timeout=CONNECT_TIMEOUT_S,
         command_timeout=settings.db_timeout_s,
     )
-    assert pool is not None
     async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
         applied = await migrate(conn, store.MIGRATIONS)
     if applied:
