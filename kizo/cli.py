@@ -106,6 +106,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if not _unreachable(exc):
+            raise
+        reason = f"{type(exc).__name__}: {exc}"
+        print(f"kizo {args.command}: cannot reach a server it needs ({reason}); "
+              "check DATABASE_URL, REDIS_URL and KIZO_BANK_URL", file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A refused, lost or timed-out connection to PostgreSQL, Redis or the bank at start-up:
+    an operator's problem to name in one line, not a trace. Classified by the libraries'
+    own exception families, which this module does not import (they are heavy)."""
+    if isinstance(exc, OSError | TimeoutError):
+        return True
+    module = type(exc).__module__.split(".")[0]
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return (module == "asyncpg" and bool(names & {"PostgresConnectionError", "InterfaceError",
+                                                   "CannotConnectNowError"})) or (
+        module == "redis" and bool(names & {"ConnectionError", "TimeoutError"})
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -72,7 +72,6 @@ def test_bench_api_compares_payment_latency_with_and_without_a_signin_flood() ->
 @pytest.mark.asyncio
 async def test_bench_api_counts_and_times_every_answer_errors_and_timeouts_included() -> None:
     from kizo.bench_api import Tally, answer
-
     from kizo.httpload import LoadClient
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -141,6 +140,19 @@ def test_bad_input_is_one_line_and_exit_2(
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+_NOWHERE = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/kizo",
+            "REDIS_URL": "redis://127.0.0.1:1/0"}  # fmt: skip
+
+
+@pytest.mark.parametrize("args", [["worker"], ["janitor", "--once"], ["migrate"], ["bank"]])
+def test_a_server_that_does_not_answer_is_one_line_and_exit_1(args: list[str]) -> None:
+    result = _kizo(*args, env=_NOWHERE)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Connection refused" in result.stderr
 
 
 def _descendants_alive(pid: int) -> list[psutil.Process]:
