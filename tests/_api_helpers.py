@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from api.app import create_app
 from infra.config import Config, RateLimitConfig
-from tests.conftest import ServerSet, unique_email
+from tests.conftest import TEST_SECRETS, ServerSet, unique_email
 
 PASSWORD = "correct horse battery"
 
@@ -26,7 +26,10 @@ async def api_client(
     limits: RateLimitConfig,
 ) -> AsyncIterator[Client]:
     config = dataclasses.replace(
-        Config.from_env({}), database_url=db_url, redis_url=servers.redis_url, limits=limits
+        Config.from_env(TEST_SECRETS),
+        database_url=db_url,
+        redis_url=servers.redis_url,
+        limits=limits,
     )
     app = create_app(config)
     async with app.test_app() as test_app:

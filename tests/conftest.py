@@ -124,9 +124,12 @@ async def db_url(servers: ServerSet, db_name: str) -> AsyncIterator[str]:
 
 
 @contextlib.contextmanager
-def template_database(servers: ServerSet, name: str) -> Iterator[str]:
-    """A database cloned from the migrated template, dropped on exit; for fixtures that cannot
-    use the async ``db_url`` (synchronous tests, module-scoped processes)."""
+def template_database(
+    servers: ServerSet, name: str, template: str | None = TEMPLATE_DB
+) -> Iterator[str]:
+    """A database cloned from the migrated template (an empty one with ``template=None``),
+    dropped on exit; for fixtures that cannot use the async ``db_url`` (synchronous tests,
+    module-scoped processes)."""
 
     async def admin(sql: str) -> None:
         conn = await asyncpg.connect(servers.pg_url("postgres"))
@@ -135,7 +138,8 @@ def template_database(servers: ServerSet, name: str) -> Iterator[str]:
         finally:
             await conn.close()
 
-    asyncio.run(admin(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}"))
+    clone = f" TEMPLATE {template}" if template is not None else ""
+    asyncio.run(admin(f"CREATE DATABASE {name}{clone}"))
     try:
         yield servers.pg_url(name)
     finally:

@@ -21,7 +21,7 @@ from api._openapi import BalanceOut, DashboardOut, SignupOut, TransactionOut, Tr
 from api.app import create_app
 from infra.config import Config, RateLimitConfig
 from tests._api_helpers import api_client, bearer, signup
-from tests.conftest import ServerSet
+from tests.conftest import TEST_SECRETS, ServerSet
 
 # The model each handler validates its body with (api/routes/*.py, read_body(...)).
 BODIES: dict[tuple[str, str], type[BaseModel]] = {
@@ -36,7 +36,7 @@ BODIES: dict[tuple[str, str], type[BaseModel]] = {
 
 
 def _app() -> Quart:
-    return create_app(Config.from_env({}))
+    return create_app(Config.from_env(TEST_SECRETS))
 
 
 def _routes(app: Quart) -> list[tuple[str, str]]:
@@ -138,5 +138,7 @@ async def test_live_answers_match_the_documented_models(client: Client) -> None:
 
 def test_the_document_does_not_depend_on_rate_limits() -> None:
     """Rate limits wrap the views of their app; the document is the same with them or without."""
-    other = dataclasses.replace(Config.from_env({}), limits=RateLimitConfig(enabled=False))
+    other = dataclasses.replace(
+        Config.from_env(TEST_SECRETS), limits=RateLimitConfig(enabled=False)
+    )
     assert document(create_app(other)) == document(_app())

@@ -25,7 +25,7 @@ from api._problems import Problem
 from infra.config import DEV_PEPPER, SCRATCH_MARK_VAR, Config, ConfigError
 from infra.devsecrets import KEYRING_KEY_FILE, PEPPER_FILE, scratch_env, up_env, with_dev_secrets
 from infra.migrate import migrate, migrations_dir
-from tests.conftest import TEST_SECRETS, ServerSet, kizo_env
+from tests.conftest import TEST_SECRETS, ServerSet, kizo_env, template_database
 
 OTHER_KEYRING_KEY = "b3RoZXIta2V5cmluZy1rZXktMzItYnl0ZXMtbG9uZyE"
 TTL_S = 3600
@@ -232,20 +232,8 @@ def test_a_wrong_keyring_key_is_one_line_at_start_and_rotates_nothing(
 
 @pytest.fixture
 def bare_database(servers: ServerSet) -> Iterator[str]:
-    name = f"kizo_bare_{uuid.uuid4().hex[:8]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(servers.pg_url("postgres"))
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f"CREATE DATABASE {name}"))
-    try:
-        yield servers.pg_url(name)
-    finally:
-        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    with template_database(servers, f"kizo_bare_{uuid.uuid4().hex[:8]}", template=None) as url:
+        yield url
 
 
 @pytest.mark.asyncio
