@@ -166,7 +166,8 @@ def _step(raw: Mapping[str, Any], where: str) -> Step:
 
 class Processes(Protocol):
     def kill(self, name: str) -> None: ...
-    def restart(self, name: str) -> None: ...
+    def respawn(self, name: str) -> None: ...
+    def wait_started(self, name: str) -> None: ...
 
 
 @dataclass
@@ -194,9 +195,11 @@ class Timeline:
         if step.action in ("kill", "restart"):
             if self.processes is None:
                 raise ScenarioError(f"{step.describe()}: no process control in this run")
-            act = self.processes.kill if step.action == "kill" else self.processes.restart
             try:
-                await trio.to_thread.run_sync(act, step.target)
+                if step.action == "kill":
+                    await trio.to_thread.run_sync(self.processes.kill, step.target)
+                else:
+                    await self._restart(step.target)
             except (KeyError, RuntimeError) as exc:
                 raise ScenarioError(f"{step.describe()}: {exc}") from None
             if step.action == "kill":
@@ -220,11 +223,17 @@ class Timeline:
             raise ScenarioError(f"{step.describe()}: {r.status_code} {r.text.strip()[:200]}")
         return r.status_code
 
+    async def _restart(self, name: str) -> None:
+        assert self.processes is not None
+        # Spawned here, in trio's thread (the main one): a process dies with the thread that
+        # spawned it, and trio's worker threads end when idle. Its start is waited for in one.
+        self.processes.respawn(name)
+        await trio.to_thread.run_sync(self.processes.wait_started, name)
+
     async def heal(self, http: httpx.AsyncClient) -> int:
         """Every process killed is started again, every proxy reset, the bank's faults gone."""
         for name in sorted(self.down):
-            assert self.processes is not None
-            await trio.to_thread.run_sync(self.processes.restart, name)
+            await self._restart(name)
         self.down.clear()
         reset = await http.post(f"{self.proxy_url}/reset")
         cleared = await http.delete(f"{self.bank_url}/admin/faults")

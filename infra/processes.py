@@ -22,7 +22,7 @@ from engine import ensure_system_accounts
 from infra.config import Config
 from infra.migrate import migrate
 from infra.readiness import http_probe, wait_ready
-from infra.servers import EmbeddedPostgres, EmbeddedValkey
+from infra.servers import EmbeddedPostgres, EmbeddedValkey, die_with_parent
 
 CHILD_START_TIMEOUT_S = 30.0
 CHILD_STOP_TIMEOUT_S = 20.0
@@ -84,27 +84,44 @@ async def prepare_database(url: str, currency: str) -> list[str]:
         await conn.close()
 
 
-def start_child(
+def spawn_child(
     child: Child, env: dict[str, str], log: IO[bytes] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start ``kizo <child.args>`` and wait (bounded) until it serves its health route; its
-    output goes to ``log`` when given, else to the terminal. A child that does not serve is
-    stopped, and the error names its log."""
-    proc = subprocess.Popen(
+    """Start ``kizo <child.args>`` without waiting for it; its output goes to ``log`` when
+    given, else to the terminal. The kernel sends the child SIGTERM when the thread that spawned
+    it ends (``PR_SET_PDEATHSIG``), so a supervisor killed outright (SIGKILL, the OOM killer)
+    leaves no worker running on without it. Hence: spawn from a thread that lives as long as
+    the system does, the main one, and wait for readiness anywhere (``wait_child``)."""
+    return subprocess.Popen(
         [sys.executable, "-m", "kizo.cli", *child.args],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=log,
-        start_new_session=True,  # the supervisor, not the terminal, decides when it stops
+        # Its own session: the supervisor, not the terminal's Ctrl-C, decides when it stops.
+        preexec_fn=die_with_parent(signal.SIGTERM),
     )
-    log_path = Path(log.name) if log is not None and isinstance(log.name, str) else None
+
+
+def wait_child(child: Child, proc: subprocess.Popen[bytes], log: Path | None = None) -> None:
+    """Wait (bounded) until the child serves its health route; one that does not is stopped,
+    and the error names its log."""
     try:
-        wait_ready(child.name, http_probe(child.health_url), proc=proc, log=log_path,
+        wait_ready(child.name, http_probe(child.health_url), proc=proc, log=log,
                    timeout_s=CHILD_START_TIMEOUT_S)  # fmt: skip
     except BaseException:
         _stop_child(proc)
         raise
+
+
+def start_child(
+    child: Child, env: dict[str, str], log: IO[bytes] | None = None
+) -> subprocess.Popen[bytes]:
+    """``spawn_child``, then ``wait_child``: the child serves when this returns."""
+    proc = spawn_child(child, env, log)
+    wait_child(
+        child, proc, Path(log.name) if log is not None and isinstance(log.name, str) else None
+    )
     return proc
 
 
@@ -148,5 +165,3 @@ def start_servers(
         valkey.start()
         config = config.with_urls(config.pg_url(), valkey.url())
     return config
-
-

@@ -66,7 +66,7 @@ def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
         return False
 
 
-def _die_with_parent(sig: int) -> Callable[[], None]:
+def die_with_parent(sig: int) -> Callable[[], None]:
     def preexec() -> None:
         # A new session keeps the terminal's Ctrl-C away from the servers: the supervisor stops
         # them itself, last, after the processes that use them.
@@ -133,7 +133,7 @@ class EmbeddedPostgres:
                 user=None if user is None else user.uid,
                 group=None if user is None else user.gid,
                 extra_groups=None if user is None else [],
-                preexec_fn=_die_with_parent(signal.SIGINT),  # fast shutdown if we die
+                preexec_fn=die_with_parent(signal.SIGINT),  # fast shutdown if we die
             )
         try:
             probe = postgres_probe(bin_dir / "psql", self.host, self.port)
@@ -279,7 +279,7 @@ class EmbeddedValkey:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent(signal.SIGTERM),
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         try:
             wait_ready(f"Valkey on port {self.port}", redis_probe(self.host, self.port),

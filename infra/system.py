@@ -26,9 +26,11 @@ from infra.processes import (
     Child,
     children,
     prepare_database,
+    spawn_child,
     start_child,
     start_servers,
     stop_children,
+    wait_child,
 )
 from infra.servers import free_port
 
@@ -91,13 +93,19 @@ class ProcessControl:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
 
-    def restart(self, name: str) -> None:
+    def respawn(self, name: str) -> None:
+        """Start a killed process again, without waiting: call it from the main thread (see
+        ``infra.processes.spawn_child``), then ``wait_started`` from any thread."""
         index = self._index(name)
         child, old = self.procs[index]
         if old.poll() is None:
             raise RuntimeError(f"{name} is still running")
         with (self.logs / f"{child.name}.log").open("ab") as log:
-            self.procs[index] = (child, start_child(child, self.envs[name], log))
+            self.procs[index] = (child, spawn_child(child, self.envs[name], log))
+
+    def wait_started(self, name: str) -> None:
+        child, proc = self.procs[self._index(name)]
+        wait_child(child, proc, self.logs / f"{child.name}.log")
 
 
 def _quiet(_message: str) -> None:

@@ -211,6 +211,39 @@ def test_a_child_that_exits_while_starting_is_named_with_its_log(tmp_path: Path)
     assert rest, "the log's tail follows the headline"
 
 
+_SUPERVISOR = """
+import os, sys, time
+from infra.processes import Child, start_child
+port = int(sys.argv[1])
+start_child(Child("proxy", ["proxy"], f"http://127.0.0.1:{port}/version"), dict(os.environ))
+print("started", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_child_does_not_outlive_a_supervisor_killed_outright() -> None:
+    """SIGKILL gives the supervisor no chance to stop its children: the kernel does it."""
+    port = free_port()
+    env = {**os.environ, "KIZO_PROXY_API_PORT": str(port), "KIZO_PROXY_FILE": "none"}
+    supervisor = subprocess.Popen([sys.executable, "-c", _SUPERVISOR, str(port)], env=env,
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert supervisor.stdout is not None
+        assert supervisor.stdout.readline().strip() == "started"
+        children = psutil.Process(supervisor.pid).children()
+        assert len(children) == 1
+        supervisor.kill()
+        supervisor.wait(timeout=10)
+        _gone, alive = psutil.wait_procs(children, timeout=20)
+        assert alive == [], "the child ran on without its supervisor"
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait(timeout=10)
+        if supervisor.stdout is not None:
+            supervisor.stdout.close()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root's server keeps its data elsewhere")
 def test_data_kept_in_the_home_by_an_earlier_kizo_moves_to_the_server_users_place(
     tmp_path: Path, system_dir: Path
