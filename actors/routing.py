@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from saq.job import Job
 from saq.queue.redis import RedisQueue
 
 SETTLE_JOB = "settle"
@@ -33,6 +37,9 @@ JOB_TIMEOUT_S = 15
 JOB_RETRIES_MAX = 5
 JOB_TTL_S = 600
 T = TypeVar("T")
+# A dequeue that found Redis away waits about this long before it fails (jittered, so the
+# consumers do not come back all at once).
+DEQUEUE_RETRY_S = 1.0
 
 
 def shard_for(account_id: uuid.UUID | str, shards: int) -> int:
@@ -65,6 +72,24 @@ class Routed:
         return str(self.txn_id) if self.attempt == 0 else f"{self.txn_id}#{self.attempt}"
 
 
+class SettleQueue(RedisQueue):
+    """A shard's queue. SAQ's consumer loop asks for the next job again the moment a dequeue
+    fails, so while Redis is down every consumer of every shard spun on a refused connection:
+    a whole core at 100 % for the length of the outage (measured). A failed dequeue therefore
+    pauses before it fails; jobs resume within about ``DEQUEUE_RETRY_S`` of Redis's return."""
+
+    async def dequeue(
+        self,
+        timeout: float = 0.0,  # noqa: ASYNC109 (SAQ's own signature)
+        poll_interval: float = 0.0,
+    ) -> Job | None:
+        try:
+            return await super().dequeue(timeout, poll_interval)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            await asyncio.sleep(DEQUEUE_RETRY_S * (0.5 + random.random()))
+            raise
+
+
 class QueueSet:
     """The N ``settle-*`` queues, sharing one Redis client.
 
@@ -80,9 +105,9 @@ class QueueSet:
         pool_max = getattr(redis.connection_pool, "max_connections", concurrency_max)
         self.concurrency_max = min(concurrency_max, pool_max)
         self._slots = asyncio.Semaphore(self.concurrency_max)
-        self.queues = [RedisQueue(redis, name=queue_name(n)) for n in range(shards)]
+        self.queues = [SettleQueue(redis, name=queue_name(n)) for n in range(shards)]
 
-    def for_account(self, account_id: uuid.UUID) -> RedisQueue:
+    def for_account(self, account_id: uuid.UUID) -> SettleQueue:
         return self.queues[shard_for(account_id, self.shards)]
 
     async def enqueue(self, items: Sequence[Routed]) -> int:

@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import pytest_asyncio
 from redis.asyncio import ConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from actors.routing import SETTLE_MANY_JOB, QueueSet, Routed, queue_name
+from actors.routing import DEQUEUE_RETRY_S, SETTLE_MANY_JOB, QueueSet, Routed, queue_name
 from infra.config import PoolsConfig
 from infra.db import redis_client
+from infra.servers import free_port
 from tests.conftest import ServerSet
 
 POOL = 8
@@ -97,3 +99,20 @@ async def test_the_pool_kizo_makes_waits_for_a_connection_instead_of_failing(
         await client.aclose()
     assert results == [None] * BACKLOG
     assert client.connection_pool.max_connections == POOL
+
+
+@pytest.mark.asyncio
+async def test_a_dequeue_with_redis_away_pauses_before_it_fails() -> None:
+    """SAQ's consumer loop dequeues again as soon as a dequeue fails: without the pause, a
+    worker spun a whole core for as long as Redis was down."""
+    nowhere = redis_client(f"redis://127.0.0.1:{free_port()}/0", connections_max=POOL,
+                           wait_s=1, socket_timeout_s=1, connect_timeout_s=1)  # fmt: skip
+    queue = QueueSet(nowhere, SHARDS, POOL).queues[0]
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(RedisConnectionError):
+            await queue.dequeue(timeout=1)
+        assert loop.time() - started >= DEQUEUE_RETRY_S * 0.5
+    finally:
+        await nowhere.aclose()
