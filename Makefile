@@ -30,8 +30,8 @@ typecheck:
 	$(VENV)/bin/mypy
 
 unit:
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n 2
 
-# The fault-injection job (not part of `make test`, which runs two scenarios itself).
+# The fault-injection job: every scenario and the broken build (`make test` runs four scenarios and the broken build itself).
 chaos:
 	.ci/chaos

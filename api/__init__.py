@@ -1,8 +1,7 @@
 """The REST API (Quart). Public surface: ``create_app`` (``api.app``, the factory that wires
-state, error handlers and the per-resource blueprints of ``api.routes``), ``KEYRING_TTL_S``
-(how soon a rotated signing key reaches a running process) and ``document`` (the OpenAPI 3.1
-document of an app). They load on first use: ``kizo.cli`` imports ``api.cli`` to register its
-commands and must not pay for Quart.
+state, error handlers and the per-resource blueprints of ``api.routes``) and ``document`` (the
+OpenAPI 3.1 document of an app). They load on first use: ``kizo api`` imports ``api.cli``
+before it needs Quart, and other commands never pay for it.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from typing import Any
 
 _EXPORTS = {
     "create_app": "api.app",
-    "KEYRING_TTL_S": "api.app",
     "document": "api._openapi",
 }
 __all__ = sorted(_EXPORTS)

@@ -19,7 +19,6 @@ from api._state import state
 log = structlog.get_logger("kizo.api")
 
 BODY_MAX_BYTES = 64 * 1024
-KEYRING_TTL_S = 5.0
 M = TypeVar("M", bound=BaseModel)
 # Visible ASCII: what an Idempotency-Key or an echoed X-Request-ID may hold (always fullmatch:
 # "$" would let a trailing newline through).
@@ -52,11 +51,11 @@ async def read_body(model: type[M]) -> M:
 
 
 async def keyring() -> KeyRing:
-    """The key ring, re-read at most every KEYRING_TTL_S: ``kizo keys rotate`` reaches every
+    """The key ring, re-read at most every ``keyring_reload_s``: ``kizo keys rotate`` reaches every
     running API process within that time, with no restart."""
     s = state()
     now = time.monotonic()
-    if now - s.keys_loaded_at > KEYRING_TTL_S:
+    if now - s.keys_loaded_at > s.config.auth.keyring_reload_s:
         try:
             s.keys = await KeyRing.load(s.pool, s.config.auth.keyring_key)
         except WrongKeyringKey as exc:  # a key sealed elsewhere: keep the ring that works

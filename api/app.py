@@ -22,7 +22,7 @@ from api import _service as svc
 from api._auth import Passwords, RefreshTokens, ensure_key, require_secrets
 from api._edges import cors, install, ip_key
 from api._hashing import HashingUnavailable
-from api._http import BODY_MAX_BYTES, KEYRING_TTL_S, VISIBLE_ASCII, keyring
+from api._http import BODY_MAX_BYTES, VISIBLE_ASCII, keyring
 from api._problems import Problem, from_ledger
 from api._state import STATE_KEY, State, state
 from api.routes import BLUEPRINTS
@@ -30,7 +30,7 @@ from engine import LedgerError
 from infra.config import Config
 from infra.db import create_pool, redis_client
 
-__all__ = ["BACKEND_LOST", "BODY_MAX_BYTES", "KEYRING_TTL_S", "create_app"]
+__all__ = ["BACKEND_LOST", "BODY_MAX_BYTES", "create_app"]
 log = structlog.get_logger("kizo.api")
 # A lost or refused connection to PostgreSQL or Redis, or a query past its timeout.
 BACKEND_LOST: tuple[type[Exception], ...] = (

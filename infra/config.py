@@ -153,6 +153,9 @@ class AuthConfig:
     hash_hold_ms: int = 100  # the longest one hash waits, in all, for a moment without payments
     access_ttl_s: int = 900
     refresh_ttl_s: int = 30 * 24 * 3600
+    # How stale an API process's key ring may be: `kizo keys rotate` reaches every running
+    # process within this time, with no restart.
+    keyring_reload_s: float = 5.0
 
 
 # OWASP's Argon2id configurations, equal in strength (memory KiB, passes): no weaker setting is
@@ -221,6 +224,9 @@ def _auth(env: Mapping[str, str]) -> AuthConfig:
         hash_processes=_int(env, "KIZO_HASH_PROCESSES", d.hash_processes, low=1, high=64),
         hash_duty_pct=_int(env, "KIZO_HASH_DUTY_PCT", d.hash_duty_pct, low=1, high=100),
         hash_hold_ms=_int(env, "KIZO_HASH_HOLD_MS", d.hash_hold_ms, low=0, high=10_000),
+        keyring_reload_s=_float(
+            env, "KIZO_KEYRING_RELOAD_S", d.keyring_reload_s, low=0.1, high=3600
+        ),
     )
 
 

@@ -50,13 +50,20 @@ def server_user() -> ServerUser | None:
     try:
         entry = pwd.getpwnam(PG_SYSTEM_USER)
     except KeyError:
-        subprocess.run(
+        # Two starts at once on a new machine (the suite's parallel workers) both try: the
+        # second useradd fails, and the user exists all the same.
+        made = subprocess.run(
             ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", PG_SYSTEM_USER],
-            check=True,
+            check=False,
             capture_output=True,
             timeout=30,
         )
-        entry = pwd.getpwnam(PG_SYSTEM_USER)
+        try:
+            entry = pwd.getpwnam(PG_SYSTEM_USER)
+        except KeyError:
+            raise RuntimeError(
+                f"cannot create the system user {PG_SYSTEM_USER}: {made.stderr.decode().strip()}"
+            ) from None
     return ServerUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
