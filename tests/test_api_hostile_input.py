@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -38,8 +39,9 @@ GENEROUS = RateLimitConfig(
     default_per_ip=10**6,
     cors_origins=("https://dash.example",),
 )
+# KIZO_FUZZ_EXAMPLES raises it for a deeper run outside the suite (e.g. 5000).
 FUZZ = settings(
-    max_examples=120,
+    max_examples=int(os.environ.get("KIZO_FUZZ_EXAMPLES", "120")),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
