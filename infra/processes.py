@@ -64,7 +64,8 @@ def children(config: Config) -> list[Child]:
 
 def _worker(host: str, index: int, of: int, port: int) -> Child:
     args = ["worker", "--index", str(index), "--of", str(of), "--metrics-port", str(port)]
-    return Child(f"worker-{index}", args, f"http://{host}:{port}/metrics")
+    metrics = f"http://{host}:{port}/metrics"
+    return Child(f"worker-{index}", args, metrics, metrics)
 
 
 def say_up(message: str) -> None:
