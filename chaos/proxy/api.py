@@ -91,7 +91,7 @@ def proxy_json(proxy: Proxy) -> dict[str, Any]:
             "toxics": toxics_json(proxy)}  # fmt: skip
 
 
-def _listen(spec: model.ProxySpec) -> model.ProxySpec:
+def resolved_listen(spec: model.ProxySpec) -> model.ProxySpec:
     """Toxiproxy's listen is what Go resolves; an empty one is any free port (here on
     127.0.0.1: this harness never listens beyond loopback unless told)."""
     listen = model.go_listen(spec.listen or "127.0.0.1:0")
@@ -115,7 +115,7 @@ async def _add(c: Collection, spec: model.ProxySpec) -> Proxy:
     """proxy_collection.go Add: the name is checked before the address is bound."""
     if spec.name in c.proxies:
         raise model.PROXY_EXISTS
-    spec = _listen(spec)
+    spec = resolved_listen(spec)
     try:
         return await c.add(spec)
     except model.ApiError as exc:
@@ -215,7 +215,7 @@ async def _toxic_show(c: Collection, p: dict[str, str], _b: bytes) -> Answer:
 async def _toxic_update(c: Collection, p: dict[str, str], raw: bytes) -> Answer:
     proxy = c.get(p["proxy"])
     current = proxy.toxic(p["toxic"])
-    toxic = model.updated_toxic(current, model.load(raw) if raw.strip() else None)
+    toxic = model.updated_toxic(current, model.load(raw))
     proxy.replace_toxic(toxic)
     return ok(toxic.as_json())
 
