@@ -60,6 +60,9 @@ CASES: list[tuple[str, str, Body, int, str | None, bytes]] = [
     ("POST", "/proxies", {"name": "x", "upstream": UP, "enabled": "yes"}, *_err(
         "bad request body: json: cannot unmarshal string into Go struct field Proxy.enabled "
         "of type bool", 400)),
+    ("POST", "/proxies", {"name": "x", "upstream": UP, "Logger": 1}, *_err(
+        "bad request body: json: cannot unmarshal number into Go struct field Proxy.Logger "
+        "of type zerolog.Logger", 400)),
     ("POST", "/proxies", [1], *_err(
         "bad request body: json: cannot unmarshal array into Go value of type "
         "toxiproxy.Proxy", 400)),
@@ -91,6 +94,10 @@ CASES: list[tuple[str, str, Body, int, str | None, bytes]] = [
     ("POST", "/proxies/a", {"enabled": False}, 200, JSON, _proxy("a", LAT_UP.replace(
         '"jitter":0', '"jitter":4').replace("0.1}", "7}").join("[]"), "false").encode()),
     ("POST", "/reset", b"", 204, None, b""),
+    ("PATCH", "/proxies/a", b"", *_err("bad request body: EOF", 400)),
+    ("PATCH", "/proxies/a/toxics/x", b"", *_err("toxic not found", 404)),
+    ("POST", "/proxies/a", {"NAME": "renamed", "Enabled": True, "Logger": {}, "x": [1]}, 200, JSON,
+     _proxy("a").encode()),
     ("GET", "/proxies/a", b"", 200, JSON, _proxy("a").encode()),
     ("POST", "/populate", {"x": 1}, 400, JSON, (
         '{"error":"bad request body: json: cannot unmarshal object into Go value of type '

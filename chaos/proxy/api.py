@@ -178,7 +178,8 @@ async def _update(c: Collection, p: dict[str, str], raw: bytes) -> Answer:
     if _differs(proxy, spec):
         proxy.stop()
         await proxy.stopped()
-        proxy.spec = model.ProxySpec(spec.name, model.go_listen(spec.listen, op=""),
+        listen = model.go_listen(spec.listen or "127.0.0.1:0", op="")
+        proxy.spec = model.ProxySpec(spec.name, listen,
                                      spec.upstream, proxy.enabled)  # fmt: skip
     if spec.enabled and not proxy.enabled:
         await _start(proxy)

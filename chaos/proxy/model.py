@@ -134,6 +134,8 @@ def parse_address(address: str, what: str) -> tuple[str, int]:
 def go_listen(address: str, op: str = "listen tcp") -> str:
     """``address`` as Go's net.ResolveTCPAddr writes it ("localhost:0" -> "127.0.0.1:0"), or
     Toxiproxy's 500 with Go's message when Go could not listen on it."""
+    if not address:
+        return ":0"  # Go's TCPAddr{} (any address, any port)
     host, sep, port = address.rpartition(":")
     prefix = f"{op}: " if op else ""
     if not sep:
@@ -215,6 +217,9 @@ def _convert(value: object, go_type: str, where: str) -> tuple[object, str | Non
     if go_type in ("string", "bool"):
         fits = isinstance(value, str if go_type == "string" else bool)
         return (value, None) if fits else (None, _type_error(value, where, go_type))
+    if go_type.startswith("struct "):  # a Go struct: any object decodes, its fields unused
+        fits = isinstance(value, dict)
+        return (value, None) if fits else (None, _type_error(value, where, go_type[7:]))
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None, _type_error(value, where, go_type)
     if go_type == "float32":
@@ -238,7 +243,8 @@ def fields(body: object, struct_name: str, go_type: str, schema: Mapping[str, st
     values: dict[str, Any] = {}
     error: str | None = None
     for key, value in body.items():
-        name = key if key in schema else next((f for f in schema if f == key.lower()), None)
+        name = key if key in schema else next(
+            (f for f in schema if f.lower() == key.lower()), None)  # fmt: skip
         if name is None or value is None:
             continue
         converted, problem = _convert(value, schema[name],
@@ -250,7 +256,9 @@ def fields(body: object, struct_name: str, go_type: str, schema: Mapping[str, st
     return values, error
 
 
-PROXY_FIELDS = {"name": "string", "listen": "string", "upstream": "string", "enabled": "bool"}
+# Proxy's exported fields (proxy.go), including its untagged zerolog Logger.
+PROXY_FIELDS = {"name": "string", "listen": "string", "upstream": "string", "enabled": "bool",
+                "Logger": "struct zerolog.Logger"}  # fmt: skip
 
 
 def proxy_spec(body: object, struct_name: str = "Proxy", go_type: str = "toxiproxy.Proxy",
