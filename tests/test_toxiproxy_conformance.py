@@ -68,6 +68,12 @@ CASES: list[tuple[str, str, Body, int, str | None, bytes]] = [
         "toxiproxy.Proxy", 400)),
     ("POST", "/proxies", {"name": "x", "upstream": UP, "listen": "local373"}, *_err(
         "listen tcp: address local373: missing port in address", 500)),
+    ("POST", "/proxies", {"name": "off", "upstream": UP, "listen": "localhost:0", "enabled": False},
+     201, JSON, _proxy("off", enabled="false").replace("127.0.0.1:P", "localhost:0").encode()),
+    ("POST", "/proxies/off", {"listen": "nowhere"}, *_err(
+        "address nowhere: missing port in address", 500)),
+    ("POST", "/proxies/off", {"enabled": True}, 200, JSON, _proxy("off").encode()),
+    ("DELETE", "/proxies/off", b"", 204, None, b""),
     ("GET", "/proxies/nope", b"", *_err("proxy not found", 404)),
     ("DELETE", "/proxies/nope", b"", *_err("proxy not found", 404)),
     ("POST", "/proxies/a/toxics", {"type": "noop"}, 200, JSON, NOOP.encode()),

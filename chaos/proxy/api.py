@@ -105,6 +105,10 @@ def _bind_error(exc: model.ApiError, listen: str) -> model.ApiError:
 
 
 async def _start(proxy: Proxy) -> None:
+    """Go resolves the listen address only when it listens: a disabled proxy shows it as
+    given ("localhost:0", even "")."""
+    if not proxy.enabled:
+        proxy.spec = resolved_listen(proxy.spec)
     try:
         await proxy.start()
     except model.ApiError as exc:
@@ -115,7 +119,8 @@ async def _add(c: Collection, spec: model.ProxySpec) -> Proxy:
     """proxy_collection.go Add: the name is checked before the address is bound."""
     if spec.name in c.proxies:
         raise model.PROXY_EXISTS
-    spec = resolved_listen(spec)
+    if spec.enabled:
+        spec = resolved_listen(spec)
     try:
         return await c.add(spec)
     except model.ApiError as exc:
@@ -178,9 +183,7 @@ async def _update(c: Collection, p: dict[str, str], raw: bytes) -> Answer:
     if _differs(proxy, spec):
         proxy.stop()
         await proxy.stopped()
-        listen = model.go_listen(spec.listen or "127.0.0.1:0", op="")
-        proxy.spec = model.ProxySpec(spec.name, listen,
-                                     spec.upstream, proxy.enabled)  # fmt: skip
+        proxy.spec = model.ProxySpec(spec.name, spec.listen, spec.upstream, proxy.enabled)
     if spec.enabled and not proxy.enabled:
         await _start(proxy)
     elif not spec.enabled and proxy.enabled:
