@@ -125,7 +125,7 @@ async def test_toxiproxy_python_client_drives_it(harness: Harness) -> None:
     }
     assert seen["after_destroy"] == ["latency_downstream"]
     assert (seen["down"], seen["up"]) == (False, True)
-    assert seen["after_reset"] == [] and "compatible" in seen["version"]
+    assert seen["after_reset"] == [] and seen["version"] == "2.12.0"
     assert seen["listen"].startswith("127.0.0.1:") and not seen["listen"].endswith(":0")
     assert seen["left"] == {}
 
@@ -140,23 +140,17 @@ async def test_api_errors_are_toxiproxys_and_change_nothing(harness: Harness) ->
         ("POST", "/proxies", {"name": "echo", "upstream": "127.0.0.1:1"}, 409, "already exists"),
         ("POST", "/proxies", {"upstream": "127.0.0.1:1"}, 400, "missing required field: name"),
         ("POST", "/proxies", {"name": "x"}, 400, "missing required field: upstream"),
-        ("POST", "/proxies", {"name": "x", "upstream": "nowhere"}, 400, "host:port"),
         ("POST", "/proxies", {"name": "x", "upstream": "127.0.0.1:1", "enabled": "yes"}, 400,
          "enabled"),
         ("POST", "/proxies", [1, 2], 400, "bad request body"),
         ("POST", "/proxies/echo/toxics", {"type": "gremlins"}, 400, "invalid toxic type"),
         ("POST", "/proxies/echo/toxics", {"type": "latency", "stream": "sideways"}, 400,
          "stream was invalid"),
-        ("POST", "/proxies/echo/toxics", {"type": "latency", "toxicity": 2}, 400, "toxicity"),
-        ("POST", "/proxies/echo/toxics", {"type": "latency", "attributes": {"latency": -5}}, 400,
-         "attributes.latency"),
         ("POST", "/proxies/echo/toxics", {"type": "latency", "attributes": {"latency": 1.5}},
-         400, "whole number"),
+         400, "cannot unmarshal number 1.5"),
         ("GET", "/proxies/echo/toxics/nope", None, 404, "toxic not found"),
         ("DELETE", "/proxies/echo/toxics/nope", None, 404, "toxic not found"),
         ("POST", "/proxies/nope/toxics", {"type": "latency"}, 404, "proxy not found"),
-        ("PUT", "/proxies/echo", {}, 405, "method not allowed"),
-        ("GET", "/nothing/here", None, 404, "not found"),
     ]  # fmt: skip
     for method, path, body, status, message in cases:
         r = await api.request(method, path, json=body)
@@ -316,7 +310,7 @@ async def test_disable_enable_reset_and_populate(harness: Harness) -> None:
     assert (await api.delete("/proxies/two")).status_code == 204
     taken = await api.post("/proxies", json={"name": "clash", "listen": listen,
                                              "upstream": upstream})  # fmt: skip
-    assert taken.status_code == 409 and "listen" in taken.json()["error"]
+    assert taken.status_code == 500 and "address already in use" in taken.json()["error"]
 
 
 @pytest.mark.trio

@@ -15,16 +15,22 @@
     GET    /version                      {"version": ...}
     GET    /metrics                      Prometheus text (ours; Toxiproxy's has other names)
 
-Like Toxiproxy, requests that look like a browser's (User-Agent "Mozilla/...") are refused with
-403, so that a web page cannot drive the proxy through the user's browser.
+Every answer is Toxiproxy 2.12.0's, bytes included (api.go): compact JSON without a newline and
+"application/json"; errors are {"error", "status"} + newline as "text/plain; charset=utf-8"
+(Go's http.Error); a path no route has is Go's "404 page not found", a method a route lacks a
+bare 405; matched routes carry X-Toxiproxy-Request-Id; like Toxiproxy, requests that look like a
+browser's (User-Agent "Mozilla/...") are refused with 403 "User agent not allowed".
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 from urllib.parse import unquote
 
@@ -32,88 +38,208 @@ import h11
 import trio
 
 from chaos.proxy import model
-from chaos.proxy.core import Collection
+from chaos.proxy.core import Collection, Proxy
 
-VERSION = "kizo-fault-proxy 2.12.0-compatible"
+VERSION = "2.12.0"  # the Toxiproxy release whose API this one answers as
 BODY_MAX = 1024 * 1024
 READ_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 60.0
-
-Reply = tuple[int, Any]  # status, JSON body (None: no body)
-Handler = Callable[[Collection, dict[str, str], Any], Awaitable[Reply]]
+TEXT = "text/plain; charset=utf-8"
 
 
-def _json_body(raw: bytes) -> Any:
+@dataclass
+class Answer:
+    status: int
+    body: bytes = b""
+    content_type: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+Handler = Callable[[Collection, dict[str, str], bytes], Awaitable[Answer]]
+
+
+def go_json(value: Any) -> bytes:
+    """What Go's json.Marshal writes: compact, UTF-8, <, >, & and U+2028/9 escaped."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):  # fmt: skip
+        text = text.replace(char, escaped)
+    return text.encode()
+
+
+def ok(value: Any, status: int = 200) -> Answer:
+    return Answer(status, go_json(value), "application/json")
+
+
+def error(exc: model.ApiError) -> Answer:
+    """Go's http.Error with the ApiError's JSON, as api.go's apiError sends it."""
+    return Answer(exc.status, go_json(exc.as_json()) + b"\n", TEXT,
+                  [("X-Content-Type-Options", "nosniff")])  # fmt: skip
+
+
+def toxics_json(proxy: Proxy) -> list[dict[str, Any]]:
+    """Upstream toxics first, then downstream, each in the order added (Toxiproxy's chains)."""
+    ordered = sorted(proxy.toxics, key=lambda t: model.STREAMS.index(t.stream))
+    return [t.as_json() for t in ordered]
+
+
+def proxy_json(proxy: Proxy) -> dict[str, Any]:
+    """Go's proxyToxics: Proxy's exported fields in order, its untagged Logger pointer (a
+    zerolog.Logger, all unexported fields) as {}, then toxics."""
+    return {"name": proxy.spec.name, "listen": proxy.spec.listen,
+            "upstream": proxy.spec.upstream, "enabled": proxy.enabled, "Logger": {},
+            "toxics": toxics_json(proxy)}  # fmt: skip
+
+
+def resolved_listen(spec: model.ProxySpec) -> model.ProxySpec:
+    """Toxiproxy's listen is what Go resolves; an empty one is any free port (here on
+    127.0.0.1: this harness never listens beyond loopback unless told)."""
+    listen = model.go_listen(spec.listen or "127.0.0.1:0")
+    return model.ProxySpec(spec.name, listen, spec.upstream, spec.enabled)
+
+
+def _bind_error(exc: model.ApiError, listen: str) -> model.ApiError:
+    """The core's refusal to bind, as Go's net.Listen error: 500 (proxy.go listen)."""
+    reason = exc.message.rsplit(": ", 1)[-1]
+    return model.ApiError(500, f"listen tcp {listen}: bind: {reason[:1].lower()}{reason[1:]}")
+
+
+async def _start(proxy: Proxy) -> None:
+    """Go resolves the listen address only when it listens: a disabled proxy shows it as
+    given ("localhost:0", even "")."""
+    if not proxy.enabled:
+        proxy.spec = resolved_listen(proxy.spec)
     try:
-        return json.loads(raw.decode()) if raw.strip() else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise model.bad_body(str(exc)) from None
+        await proxy.start()
+    except model.ApiError as exc:
+        raise _bind_error(exc, proxy.spec.listen) from None
 
 
-async def _index(c: Collection, _p: dict[str, str], _b: Any) -> Reply:
-    return 200, {name: proxy.as_json() for name, proxy in c.proxies.items()}
+async def _add(c: Collection, spec: model.ProxySpec) -> Proxy:
+    """proxy_collection.go Add: the name is checked before the address is bound."""
+    if spec.name in c.proxies:
+        raise model.PROXY_EXISTS
+    if spec.enabled:
+        spec = resolved_listen(spec)
+    try:
+        return await c.add(spec)
+    except model.ApiError as exc:
+        raise _bind_error(exc, spec.listen) from None
 
 
-async def _create(c: Collection, _p: dict[str, str], body: Any) -> Reply:
-    return 201, (await c.add(model.proxy_spec(body))).as_json()
+async def _index(c: Collection, _p: dict[str, str], _b: bytes) -> Answer:
+    return ok({name: proxy_json(c.proxies[name]) for name in sorted(c.proxies)})
 
 
-async def _populate(c: Collection, _p: dict[str, str], body: Any) -> Reply:
-    if not isinstance(body, list):
-        raise model.bad_body("expected a JSON array of proxies")
-    specs = [model.proxy_spec(item) for item in body]  # all valid before any is created
-    return 201, {"proxies": [(await c.add_or_replace(spec)).as_json() for spec in specs]}
+async def _create(c: Collection, _p: dict[str, str], raw: bytes) -> Answer:
+    return ok(proxy_json(await _add(c, model.proxy_spec(model.load(raw)))), 201)
 
 
-async def _show(c: Collection, p: dict[str, str], _b: Any) -> Reply:
-    return 200, c.get(p["proxy"]).as_json()
+async def _populate(c: Collection, _p: dict[str, str], raw: bytes) -> Answer:
+    """Populate answers application/json even on error, with the proxies done so far (null
+    when none)."""
+    done: list[dict[str, Any]] = []
+    problem: model.ApiError | None = None
+    try:
+        for spec in model.populate_specs(model.load(raw)):
+            done.append(proxy_json(await _add_or_replace(c, spec)))
+    except model.ApiError as exc:
+        problem = exc
+    body: dict[str, Any] = {} if problem is None else problem.as_json()
+    body["proxies"] = done or None
+    return ok(body, 201 if problem is None else problem.status)
 
 
-async def _update(c: Collection, p: dict[str, str], body: Any) -> Reply:
+def _differs(proxy: Proxy, spec: model.ProxySpec) -> bool:
+    """proxy.go Differs: the resolved listen or the upstream changed (not enabled)."""
+    return proxy.spec.listen != model.go_listen(spec.listen, op="") or \
+        proxy.spec.upstream != spec.upstream  # fmt: skip
+
+
+async def _add_or_replace(c: Collection, spec: model.ProxySpec) -> Proxy:
+    existing = c.proxies.get(spec.name)
+    if existing is not None:
+        if not _differs(existing, spec):
+            return existing
+        existing.stop()
+        await existing.stopped()
+        del c.proxies[spec.name]
+        try:
+            return await _add(c, spec)
+        except model.ApiError:
+            c.proxies[spec.name] = existing  # Toxiproxy keeps the old one, stopped
+            raise
+    return await _add(c, spec)
+
+
+async def _show(c: Collection, p: dict[str, str], _b: bytes) -> Answer:
+    return ok(proxy_json(c.get(p["proxy"])))
+
+
+async def _update(c: Collection, p: dict[str, str], raw: bytes) -> Answer:
+    """proxy.go Update: a changed address restarts the proxy there; enabled then applies."""
     proxy = c.get(p["proxy"])
-    await c.update(proxy, model.proxy_update(proxy.spec, body))
-    return 200, proxy.as_json()
+    spec = model.proxy_update(proxy.spec, model.load(raw))
+    if _differs(proxy, spec):
+        proxy.stop()
+        await proxy.stopped()
+        proxy.spec = model.ProxySpec(spec.name, spec.listen, spec.upstream, proxy.enabled)
+    if spec.enabled and not proxy.enabled:
+        await _start(proxy)
+    elif not spec.enabled and proxy.enabled:
+        proxy.stop()
+        await proxy.stopped()
+    return ok(proxy_json(proxy))
 
 
-async def _delete(c: Collection, p: dict[str, str], _b: Any) -> Reply:
+async def _delete(c: Collection, p: dict[str, str], _b: bytes) -> Answer:
     await c.remove(p["proxy"])
-    return 204, None
+    return Answer(204)
 
 
-async def _toxics(c: Collection, p: dict[str, str], _b: Any) -> Reply:
-    return 200, [t.as_json() for t in c.get(p["proxy"]).toxics]
+async def _toxics(c: Collection, p: dict[str, str], _b: bytes) -> Answer:
+    return ok(toxics_json(c.get(p["proxy"])))
 
 
-async def _toxic_create(c: Collection, p: dict[str, str], body: Any) -> Reply:
+def _has(proxy: Proxy, name: str) -> bool:
+    return any(t.name == name for t in proxy.toxics)
+
+
+async def _toxic_create(c: Collection, p: dict[str, str], raw: bytes) -> Answer:
     proxy = c.get(p["proxy"])
-    toxic = model.new_toxic(body)
+    toxic = model.new_toxic(model.load(raw), lambda name: _has(proxy, name))
     proxy.add_toxic(toxic)
-    return 200, toxic.as_json()
+    return ok(toxic.as_json())
 
 
-async def _toxic_show(c: Collection, p: dict[str, str], _b: Any) -> Reply:
-    return 200, c.get(p["proxy"]).toxic(p["toxic"]).as_json()
+async def _toxic_show(c: Collection, p: dict[str, str], _b: bytes) -> Answer:
+    return ok(c.get(p["proxy"]).toxic(p["toxic"]).as_json())
 
 
-async def _toxic_update(c: Collection, p: dict[str, str], body: Any) -> Reply:
+async def _toxic_update(c: Collection, p: dict[str, str], raw: bytes) -> Answer:
     proxy = c.get(p["proxy"])
-    toxic = model.updated_toxic(proxy.toxic(p["toxic"]), body)
+    current = proxy.toxic(p["toxic"])
+    toxic = model.updated_toxic(current, model.load(raw))
     proxy.replace_toxic(toxic)
-    return 200, toxic.as_json()
+    return ok(toxic.as_json())
 
 
-async def _toxic_delete(c: Collection, p: dict[str, str], _b: Any) -> Reply:
+async def _toxic_delete(c: Collection, p: dict[str, str], _b: bytes) -> Answer:
     c.get(p["proxy"]).remove_toxic(p["toxic"])
-    return 204, None
+    return Answer(204)
 
 
-async def _reset(c: Collection, _p: dict[str, str], _b: Any) -> Reply:
-    await c.reset()
-    return 204, None
+async def _reset(c: Collection, _p: dict[str, str], _b: bytes) -> Answer:
+    """api.go ResetState: each proxy started (a failure answers at once), toxics cleared."""
+    for proxy in c.proxies.values():
+        await _start(proxy)
+        proxy.clear_toxics()
+    return Answer(204)
 
 
-async def _version(_c: Collection, _p: dict[str, str], _b: Any) -> Reply:
-    return 200, {"version": VERSION}
+async def _version(_c: Collection, _p: dict[str, str], _b: bytes) -> Answer:
+    body = f'{{"version": "{VERSION}"}}\n'.encode()  # api.go writes it by hand, spaced
+    return Answer(200, body, "application/json;charset=utf-8")
 
 
 _SEGMENT = r"(?P<{}>[^/]+)"
@@ -140,30 +266,45 @@ ROUTES: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
         },
     ),
 ]
+_XID = "0123456789abcdefghijklmnopqrstuv"
+
+
+def request_id() -> str:
+    """20 characters in the alphabet of the xid Toxiproxy's hlog middleware sends."""
+    return "".join(_XID[b % 32] for b in os.urandom(20))
 
 
 async def dispatch(collection: Collection, method: str, target: str, user_agent: str,
-                   raw_body: bytes) -> Reply:  # fmt: skip
-    """One request -> (status, JSON body or None). Never raises for bad input."""
-    if user_agent.startswith("Mozilla/"):
-        return 403, {"error": "requests from browsers are not allowed", "status": 403}
-    path = target.split("?", 1)[0]
+                   raw_body: bytes) -> Answer:  # fmt: skip
+    """One request -> its answer. Never raises for bad input. Like gorilla/mux, the path is
+    matched decoded, and the middlewares (request id, browser check) run on matched routes
+    only."""
+    path = unquote(target.split("?", 1)[0])
     for pattern, methods in ROUTES:
         match = pattern.fullmatch(path)
         if match is None:
             continue
         handler = methods.get(method)
         if handler is None:
-            return 405, {"error": "method not allowed", "status": 405}
-        params = {k: unquote(v) for k, v in match.groupdict().items()}
-        try:
-            return await handler(collection, params, _json_body(raw_body))
-        except model.ApiError as exc:
-            return exc.status, exc.as_json()
-        except Exception as exc:  # a bug: answered, logged, and the server stays up
-            print(f"kizo proxy: {method} {path} failed: {exc!r}", file=sys.stderr)
-            return 500, {"error": "internal error", "status": 500}
-    return 404, {"error": "not found", "status": 404}
+            return Answer(405)
+        answer = await _run(handler, collection, match.groupdict(), user_agent, raw_body)
+        answer.headers.append(("X-Toxiproxy-Request-Id", request_id()))
+        return answer
+    return Answer(404, b"404 page not found\n", TEXT, [("X-Content-Type-Options", "nosniff")])
+
+
+async def _run(handler: Handler, collection: Collection, params: dict[str, str],
+               user_agent: str, raw_body: bytes) -> Answer:  # fmt: skip
+    if user_agent.startswith("Mozilla/"):
+        return Answer(403, b"User agent not allowed\n", TEXT,
+                      [("X-Content-Type-Options", "nosniff")])  # fmt: skip
+    try:
+        return await handler(collection, params, raw_body)
+    except model.ApiError as exc:
+        return error(exc)
+    except Exception as exc:  # a bug: answered, logged, and the server stays up
+        print(f"kizo proxy: {handler.__name__} failed: {exc!r}", file=sys.stderr)
+        return error(model.ApiError(500, "internal error"))
 
 
 MetricsText = Callable[[], bytes]
@@ -183,10 +324,10 @@ async def serve_connection(stream: trio.SocketStream, collection: Collection,
             if method == "GET" and target.split("?", 1)[0] == "/metrics":
                 await _send(stream, conn, 200, metrics(), "text/plain; version=0.0.4")
             else:
-                status, payload = await dispatch(collection, method, target,
-                                                 headers.get("user-agent", ""), body)  # fmt: skip
-                data = b"" if payload is None else json.dumps(payload).encode() + b"\n"
-                await _send(stream, conn, status, data, "application/json")
+                answer = await dispatch(collection, method, target,
+                                        headers.get("user-agent", ""), body)  # fmt: skip
+                await _send(stream, conn, answer.status, answer.body, answer.content_type,
+                            answer.headers)  # fmt: skip
             if conn.our_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()
@@ -220,10 +361,12 @@ async def _read_request(stream: trio.SocketStream, conn: h11.Connection
 
 
 async def _send(stream: trio.SocketStream, conn: h11.Connection, status: int, data: bytes,
-                content_type: str) -> None:  # fmt: skip
+                content_type: str | None, extra: list[tuple[str, str]] | None = None
+                ) -> None:  # fmt: skip
     headers = [] if status == 204 else [("Content-Length", str(len(data)))]
-    if data:
+    if content_type is not None:
         headers.append(("Content-Type", content_type))
+    headers += [*(extra or []), ("Date", formatdate(usegmt=True))]
     await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
     if data:
         await stream.send_all(conn.send(h11.Data(data=data)) or b"")

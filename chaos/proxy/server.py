@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
@@ -13,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from chaos.proxy import model
-from chaos.proxy.api import serve_connection
+from chaos.proxy.api import resolved_listen, serve_connection
 from chaos.proxy.core import Collection
 
 PROXIES_FILE = Path(__file__).resolve().parents[2] / "toxiproxy" / "toxiproxy.json"
@@ -40,11 +38,9 @@ class _ProxyMetrics(Collector):
 
 
 def load_specs(path: Path) -> list[model.ProxySpec]:
-    """Proxies from a Toxiproxy-format file (a JSON array, as its -config flag reads)."""
-    data: Any = json.loads(path.read_text())
-    if not isinstance(data, list):
-        raise model.bad_body(f"{path}: expected a JSON array of proxies")
-    return [model.proxy_spec(item) for item in data]
+    """Proxies from a Toxiproxy-format file, read as its -config flag reads it (populate's
+    rules; an empty listen is any free port on 127.0.0.1)."""
+    return [resolved_listen(spec) for spec in model.populate_specs(model.load(path.read_bytes()))]
 
 
 async def serve(host: str, port: int, specs: Sequence[model.ProxySpec], seed: int = 0,
