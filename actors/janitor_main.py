@@ -57,7 +57,13 @@ async def open_deps(config: Config) -> AsyncIterator[JanitorDeps]:
         socket_timeout_s=pools.redis_socket_timeout_s,
         connect_timeout_s=pools.redis_connect_timeout_s,
     )
-    bank = BankClient(config.bank_url(), timeout_s=p.bank_timeout_s, retries_max=p.bank_retries_max)
+    bank = BankClient(
+        config.bank_url(),
+        timeout_s=p.bank_timeout_s,
+        retries_max=p.bank_retries_max,
+        key_per_request=config.mutation == "bank_key_off",
+        unknown_as_failed=config.mutation == "unknown_as_failed",
+    )
     try:
         yield JanitorDeps(pool, QueueSet(redis, p.shards, pools.enqueue_concurrency_max), bank, p)
     finally:

@@ -99,9 +99,20 @@ async def run_worker(config: Config, spec: WorkerSpec, stop: asyncio.Event) -> N
         socket_timeout_s=WORKER_REDIS_SOCKET_TIMEOUT_S,
         connect_timeout_s=config.pools.redis_connect_timeout_s,
     )
-    bank = BankClient(spec.bank_url, timeout_s=p.bank_timeout_s, retries_max=p.bank_retries_max)
+    bank = BankClient(
+        spec.bank_url,
+        timeout_s=p.bank_timeout_s,
+        retries_max=p.bank_retries_max,
+        key_per_request=config.mutation == "bank_key_off",
+        unknown_as_failed=config.mutation == "unknown_as_failed",
+    )
     queues = QueueSet(redis, p.shards, config.pools.enqueue_concurrency_max)
-    committer = Committer(pool, ops_max=config.ledger.batch_size_max, flushers=DB_POOL_SIZE - 1)
+    committer = Committer(
+        pool,
+        ops_max=config.ledger.batch_size_max,
+        flushers=DB_POOL_SIZE - 1,
+        mutation=config.mutation,
+    )
     limits = Limits(
         p.mailbox_size_max,
         p.actor_batch_size_max,
