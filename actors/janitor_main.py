@@ -14,7 +14,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 from actors.bank_client import BankClient
 from actors.janitor import JanitorDeps, PassSummary, run_pass
 from actors.routing import QueueSet
-from infra.config import Config
+from infra.config import MUTATION_HELP, Config
 from infra.db import create_pool, redis_client
 
 log = structlog.get_logger("kizo.janitor")
@@ -74,6 +74,10 @@ async def open_deps(config: Config) -> AsyncIterator[JanitorDeps]:
 
 async def main(config: Config, *, once: bool) -> int:
     p = config.pipeline
+    if config.mutation:
+        log.warning(
+            "MUTATION_ACTIVE", mutation=config.mutation, meaning=MUTATION_HELP[config.mutation]
+        )
     async with open_deps(config) as deps:
         if once:
             summary = await run_pass(deps)

@@ -28,7 +28,7 @@ from actors._actor import Limits, Registry
 from actors._committer import Committer
 from actors.bank_client import BankClient
 from actors.routing import SETTLE_JOB, SETTLE_MANY_JOB, QueueSet
-from infra.config import Config
+from infra.config import MUTATION_HELP, Config
 from infra.db import create_pool, redis_client
 
 log = structlog.get_logger("kizo.worker")
@@ -80,6 +80,10 @@ async def _settle(ctx: SettleContext, *, txn_id: str, account_id: str) -> None:
 
 async def run_worker(config: Config, spec: WorkerSpec, stop: asyncio.Event) -> None:
     p = config.pipeline
+    if config.mutation:
+        log.warning(
+            "MUTATION_ACTIVE", mutation=config.mutation, meaning=MUTATION_HELP[config.mutation]
+        )
     pool = await create_pool(
         spec.database_url,
         min_size=2,
