@@ -40,6 +40,17 @@ def test_the_final_state_guard_is_what_stops_a_second_apply() -> None:
     assert decision.outcomes[0].applied and len(decision.postings) == 2  # moved again
 
 
+def test_without_row_locks_the_batch_reads_the_same_rows_unlocked() -> None:
+    from engine import _ledger
+
+    for locked, unlocked in [
+        (_ledger._LOCK_INTENTS, _ledger._READ_INTENTS),
+        (_ledger._LOCK_BALANCES, _ledger._READ_BALANCES),
+    ]:
+        assert "FOR NO KEY UPDATE" in locked and "FOR NO KEY UPDATE" not in unlocked
+        assert unlocked.split("WHERE")[0] == locked.split("WHERE")[0]
+
+
 def _rules(report: dict[str, Any]) -> dict[str, int]:
     rules = report["violation_rules"]
     assert isinstance(rules, dict)
