@@ -27,9 +27,16 @@ class _Submission:
 
 class Committer:
     def __init__(
-        self, pool: asyncpg.Pool, *, ops_max: int, flushers: int, queue_max: int = 10_000
+        self,
+        pool: asyncpg.Pool,
+        *,
+        ops_max: int,
+        flushers: int,
+        queue_max: int = 10_000,
+        mutation: str = "",
     ) -> None:
         self.pool = pool
+        self.mutation = mutation  # "" but in a chaos harness's broken build (Config.mutation)
         self.ops_max = ops_max
         self.flushers = flushers
         self._queue: asyncio.Queue[_Submission] = asyncio.Queue(maxsize=queue_max)
@@ -63,7 +70,7 @@ class Committer:
     async def _flush(self, group: list[_Submission]) -> None:
         ops = [op for item in group for op in item.ops]
         try:
-            outcomes = await apply_batch(self.pool, ops)
+            outcomes = await apply_batch(self.pool, ops, mutation=self.mutation)
         except Exception as exc:  # every waiter learns the group failed; their jobs retry
             log.warning("group_failed", ops=len(ops), error=repr(exc))
             for item in group:

@@ -73,8 +73,15 @@ class BankClient:
         retries_max: int = 3,
         backoff_s: float = 0.05,
         connections_max: int = 100,
+        key_per_request: bool = False,
+        unknown_as_failed: bool = False,
     ) -> None:
         self.retries_max = retries_max
+        # The "bank_key_off" broken build (never set outside a chaos harness's scratch system):
+        # each request carries a fresh key, so the bank cannot tell a retry from a new payment.
+        self.key_per_request = key_per_request
+        # The "unknown_as_failed" broken build: a lost answer is taken for a refusal.
+        self._lost: Outcome = "failed" if unknown_as_failed else "unknown"
         self.backoff_s = backoff_s
         self._http = httpx.AsyncClient(
             base_url=base_url,
@@ -103,16 +110,19 @@ class BankClient:
         body = {"account": str(account), "amount_minor": amount_minor, "currency": currency}
         headers = {"Idempotency-Key": str(key)}
         for attempt in range(self.retries_max + 1):
+            if self.key_per_request:
+                headers = {"Idempotency-Key": str(uuid.uuid4())}
             try:
                 response = await self._http.post(path, json=body, headers=headers)
             except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError):
                 # The request may have been processed: only the bank's record can tell.
-                return BankResult("unknown")
+                return BankResult(self._lost)
             if response.status_code == 503 and attempt < self.retries_max:
                 await asyncio.sleep(self.backoff_s * 2**attempt)
                 continue
-            return _result(response)
-        return BankResult("unknown")
+            result = _result(response)
+            return BankResult(self._lost) if result.outcome == "unknown" else result
+        return BankResult(self._lost)
 
     async def get_payment(self, key: uuid.UUID) -> BankPayment | None:
         """The bank's record for ``key``; None when the bank never processed it."""

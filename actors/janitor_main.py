@@ -14,7 +14,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 from actors.bank_client import BankClient
 from actors.janitor import JanitorDeps, PassSummary, run_pass
 from actors.routing import QueueSet
-from infra.config import Config
+from infra.config import MUTATION_HELP, Config
 from infra.db import create_pool, redis_client
 
 log = structlog.get_logger("kizo.janitor")
@@ -57,7 +57,13 @@ async def open_deps(config: Config) -> AsyncIterator[JanitorDeps]:
         socket_timeout_s=pools.redis_socket_timeout_s,
         connect_timeout_s=pools.redis_connect_timeout_s,
     )
-    bank = BankClient(config.bank_url(), timeout_s=p.bank_timeout_s, retries_max=p.bank_retries_max)
+    bank = BankClient(
+        config.bank_url(),
+        timeout_s=p.bank_timeout_s,
+        retries_max=p.bank_retries_max,
+        key_per_request=config.mutation == "bank_key_off",
+        unknown_as_failed=config.mutation == "unknown_as_failed",
+    )
     try:
         yield JanitorDeps(pool, QueueSet(redis, p.shards, pools.enqueue_concurrency_max), bank, p)
     finally:
@@ -68,6 +74,10 @@ async def open_deps(config: Config) -> AsyncIterator[JanitorDeps]:
 
 async def main(config: Config, *, once: bool) -> int:
     p = config.pipeline
+    if config.mutation:
+        log.warning(
+            "MUTATION_ACTIVE", mutation=config.mutation, meaning=MUTATION_HELP[config.mutation]
+        )
     async with open_deps(config) as deps:
         if once:
             summary = await run_pass(deps)

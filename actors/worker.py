@@ -28,7 +28,7 @@ from actors._actor import Limits, Registry
 from actors._committer import Committer
 from actors.bank_client import BankClient
 from actors.routing import SETTLE_JOB, SETTLE_MANY_JOB, QueueSet
-from infra.config import Config
+from infra.config import MUTATION_HELP, Config
 from infra.db import create_pool, redis_client
 
 log = structlog.get_logger("kizo.worker")
@@ -80,6 +80,10 @@ async def _settle(ctx: SettleContext, *, txn_id: str, account_id: str) -> None:
 
 async def run_worker(config: Config, spec: WorkerSpec, stop: asyncio.Event) -> None:
     p = config.pipeline
+    if config.mutation:
+        log.warning(
+            "MUTATION_ACTIVE", mutation=config.mutation, meaning=MUTATION_HELP[config.mutation]
+        )
     pool = await create_pool(
         spec.database_url,
         min_size=2,
@@ -99,9 +103,20 @@ async def run_worker(config: Config, spec: WorkerSpec, stop: asyncio.Event) -> N
         socket_timeout_s=WORKER_REDIS_SOCKET_TIMEOUT_S,
         connect_timeout_s=config.pools.redis_connect_timeout_s,
     )
-    bank = BankClient(spec.bank_url, timeout_s=p.bank_timeout_s, retries_max=p.bank_retries_max)
+    bank = BankClient(
+        spec.bank_url,
+        timeout_s=p.bank_timeout_s,
+        retries_max=p.bank_retries_max,
+        key_per_request=config.mutation == "bank_key_off",
+        unknown_as_failed=config.mutation == "unknown_as_failed",
+    )
     queues = QueueSet(redis, p.shards, config.pools.enqueue_concurrency_max)
-    committer = Committer(pool, ops_max=config.ledger.batch_size_max, flushers=DB_POOL_SIZE - 1)
+    committer = Committer(
+        pool,
+        ops_max=config.ledger.batch_size_max,
+        flushers=DB_POOL_SIZE - 1,
+        mutation=config.mutation,
+    )
     limits = Limits(
         p.mailbox_size_max,
         p.actor_batch_size_max,

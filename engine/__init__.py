@@ -19,6 +19,7 @@ from engine._audit import CHECKS, Finding, audit
 from engine._decide import (
     FINAL_STATES,
     INSUFFICIENT_FUNDS,
+    LEDGER_MUTATIONS,
     Action,
     Balance,
     Intent,
@@ -45,6 +46,7 @@ __all__ = [
     "FEES",
     "FINAL_STATES",
     "INSUFFICIENT_FUNDS",
+    "LEDGER_MUTATIONS",
     "RETRYABLE_SQLSTATES",
     "TRANSACTION_COLUMNS",
     "Action",

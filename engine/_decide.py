@@ -16,6 +16,12 @@ from engine._errors import InvariantViolation
 
 INSUFFICIENT_FUNDS = "insufficient_funds"
 
+# Deliberately broken ledgers, for showing that the chaos checker catches them (infra/config.py
+# MUTATIONS names them; only scratch systems honour them). Each removes one safeguard:
+FINAL_STATE_GUARD_OFF = "final_state_guard_off"  # apply an op whatever state its intent is in
+ROW_LOCKS_OFF = "row_locks_off"  # read intents and balances without locking them
+LEDGER_MUTATIONS = frozenset({FINAL_STATE_GUARD_OFF, ROW_LOCKS_OFF})
+
 
 class Action(enum.StrEnum):
     """What a batch may do to one intent. Each names the states it may start from."""
@@ -168,17 +174,26 @@ def _apply_one(
 
 
 def decide(
-    ops: Sequence[Op], intents: Mapping[uuid.UUID, Intent], balances: Mapping[uuid.UUID, Balance]
+    ops: Sequence[Op],
+    intents: Mapping[uuid.UUID, Intent],
+    balances: Mapping[uuid.UUID, Balance],
+    mutation: str = "",
 ) -> Decision:
     """Decide a batch in order. ``balances`` must hold every account the intents touch and is
     updated in place; an op whose intent is unknown, of another kind or not in a starting state
-    is reported as not applied and changes nothing."""
+    is reported as not applied and changes nothing. ``mutation``: "" (always, outside the chaos
+    harness's broken builds) or one of LEDGER_MUTATIONS."""
     d = Decision()
+    state_guard = mutation != FINAL_STATE_GUARD_OFF
     status_now = {txn_id: txn.status for txn_id, txn in intents.items()}
     for op in ops:
         txn = intents.get(op.txn_id)
         current = status_now.get(op.txn_id, "unknown")
-        if txn is None or txn.kind != KIND_OF[op.action] or current not in FROM_STATES[op.action]:
+        if (
+            txn is None
+            or txn.kind != KIND_OF[op.action]
+            or (state_guard and current not in FROM_STATES[op.action])
+        ):
             d.outcomes.append(Outcome(op.txn_id, op.action, False, current))
             continue
         status, reason = _apply_one(d, balances, op, txn)

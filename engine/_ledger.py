@@ -21,7 +21,16 @@ from typing import TypeVar
 
 import asyncpg
 
-from engine._decide import Balance, Decision, Intent, Op, Outcome, StateChange, decide
+from engine._decide import (
+    ROW_LOCKS_OFF,
+    Balance,
+    Decision,
+    Intent,
+    Op,
+    Outcome,
+    StateChange,
+    decide,
+)
 from engine._errors import InvariantViolation, RetriesExhausted
 from engine._types import Conn, Db
 
@@ -39,6 +48,11 @@ SELECT account_id, posted, pending, allow_negative
 FROM balances WHERE account_id = ANY($1::uuid[])
 ORDER BY account_id FOR NO KEY UPDATE
 """
+
+# The "row_locks_off" broken build: the same reads, unlocked, so two batches can read one balance
+# and the later write overwrites the earlier (a lost update).
+_READ_INTENTS = _LOCK_INTENTS.replace("ORDER BY id FOR NO KEY UPDATE", "")
+_READ_BALANCES = _LOCK_BALANCES.replace("ORDER BY account_id FOR NO KEY UPDATE", "")
 
 # One statement writes the whole decision; each CTE reports how many rows it touched so the
 # caller can assert that every guarded update hit exactly its row.
@@ -92,7 +106,8 @@ async def with_retries(
     raise AssertionError("unreachable: the loop returns or raises")
 
 
-async def _apply_once(conn: Conn, ops: Sequence[Op]) -> Decision:
+async def _apply_once(conn: Conn, ops: Sequence[Op], mutation: str) -> Decision:
+    locked = mutation != ROW_LOCKS_OFF
     async with conn.transaction():
         txn_ids = sorted({op.txn_id for op in ops})
         intents = {
@@ -104,18 +119,18 @@ async def _apply_once(conn: Conn, ops: Sequence[Op]) -> Decision:
                 row["dest_id"],
                 row["amount_minor"],
             )
-            for row in await conn.fetch(_LOCK_INTENTS, txn_ids)
+            for row in await conn.fetch(_LOCK_INTENTS if locked else _READ_INTENTS, txn_ids)
         }
         account_ids = sorted({a for i in intents.values() for a in (i.source_id, i.dest_id)})
         balances = {
             row["account_id"]: Balance(
                 row["account_id"], row["posted"], row["pending"], row["allow_negative"]
             )
-            for row in await conn.fetch(_LOCK_BALANCES, account_ids)
+            for row in await conn.fetch(_LOCK_BALANCES if locked else _READ_BALANCES, account_ids)
         }
         if len(balances) != len(account_ids):
             raise InvariantViolation("an intent references an account without a balance row")
-        decision = decide(ops, intents, balances)
+        decision = decide(ops, intents, balances, mutation)
         if decision.changes:
             await _write(conn, decision)
         return decision
@@ -164,19 +179,22 @@ async def apply_batch(
     attempts_max: int = 8,
     backoff_base_s: float = 0.005,
     backoff_max_s: float = 0.25,
+    mutation: str = "",
 ) -> list[Outcome]:
     """Apply ``ops`` in one transaction and return one outcome per op, in order.
 
     Safe to call again with the same ops (after a crash, a re-drive, a duplicate job): an op
-    whose intent has already left its starting state is reported as not applied."""
+    whose intent has already left its starting state is reported as not applied. ``mutation``
+    ("" unless the chaos harness runs a broken build) removes one safeguard if it is one of
+    LEDGER_MUTATIONS; the other layers' mutations mean nothing here."""
     if not ops:
         return []
 
     async def attempt() -> list[Outcome]:
         if isinstance(db, asyncpg.Pool):
             async with db.acquire() as conn:
-                return (await _apply_once(conn, ops)).outcomes
-        return (await _apply_once(db, ops)).outcomes
+                return (await _apply_once(conn, ops, mutation)).outcomes
+        return (await _apply_once(db, ops, mutation)).outcomes
 
     return await with_retries(
         attempt,

@@ -19,8 +19,21 @@ class ConfigError(ValueError):
     """An environment variable holds a value Kizo cannot use."""
 
 
-# "idempotency_off": payments store no idempotency record, so a retried request pays again.
-MUTATIONS = ("", "idempotency_off")
+# Deliberately broken builds, each removing one safeguard (docs/chaos.md says which scenario and
+# which checker rule catch each). Read from Config and handed down to the code owning the
+# safeguard; "" is the real build.
+MUTATION_HELP = {
+    "idempotency_off": "the API stores no idempotency record: a retried request pays again",
+    "final_state_guard_off": "the ledger applies an op whatever state its intent is already in:"
+    " a re-driven job moves the money again",
+    "row_locks_off": "the batch apply reads balances without FOR NO KEY UPDATE: concurrent"
+    " batches overwrite each other's balance (a lost update)",
+    "unknown_as_failed": "the bank client reports a lost answer as a refusal: a payment the"
+    " bank made is failed (and its hold released) in the ledger",
+    "bank_key_off": "the bank client keys each request with a fresh id, not the transaction"
+    " id: a retried or re-issued payment is a new payment",
+}
+MUTATIONS = ("", *MUTATION_HELP)
 # A mutation is honoured only inside a scratch system (infra/system.py): it writes a random token
 # into this file of its temporary KIZO_HOME and hands the same token to its processes in
 # SCRATCH_MARK_VAR. Both have to match, so no operator can set KIZO_MUTATION on a real system by
