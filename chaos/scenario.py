@@ -17,7 +17,8 @@ A scenario is a TOML file (chaos/scenarios/*.toml):
     at_s = 1.0
     action = "toxic"           # toxic | remove_toxic | disable | enable | bank_faults | heal
                                # | kill | restart | pause | resume
-    proxy = "postgres"         # postgres | redis | bank (toxic, remove_toxic, disable, enable)
+    proxy = "postgres"         # postgres | redis | bank | bank_janitor (the janitor's own way
+                               # to the bank): toxic, remove_toxic, disable, enable
     process = "worker-0"       # kill (SIGKILL, with its own children), restart, pause (SIGSTOP),
                                # resume (SIGCONT): worker-N, api, janitor, bank; kill and
                                # restart also: postgres, valkey (the embedded servers)
@@ -56,7 +57,7 @@ ACTIONS = ("toxic", "remove_toxic", "disable", "enable", "bank_faults", "heal", 
 PROCESS_ACTIONS = ("kill", "restart", "pause", "resume")
 PROCESS = re.compile(r"worker-[0-9]+|api|janitor|bank|postgres|valkey")
 SERVERS = frozenset({"postgres", "valkey"})  # embedded servers: kill and restart only
-PROXIES = ("postgres", "redis", "bank")
+PROXIES = ("postgres", "redis", "bank", "bank_janitor")  # bank_janitor: the janitor's only
 TOLERABLE = frozenset({503})
 RUN_S_MAX = 300.0
 # How much later than planned a step may start: a restart waits for its process to serve
@@ -228,15 +229,16 @@ class Timeline:
 
     def failures(self, steps: Sequence[Step]) -> list[str]:
         """Why the run cannot count: each step skipped, late or refused."""
-        reasons = [f"skipped (the workload ended first): {s.describe()}"
-                   for s in steps[len(self.applied):]]  # fmt: skip
+        reasons: list[str] = []
         for done in self.applied:
             late_s = done["actual_s"] - done["at_s"]
             if late_s > STEP_LATE_S_MAX:
                 reasons.append(f"late by {late_s:.2f} s (more than {STEP_LATE_S_MAX} s): "
                                f"{done['step']}")  # fmt: skip
             if isinstance(done["status"], str) and done["status"].startswith("error"):
-                reasons.append(f"failed: {done['status']}")
+                reasons.append(f"failed: {done['status'].removeprefix('error: ')}")
+        reasons += [f"skipped (the workload ended first): {s.describe()}"
+                    for s in steps[len(self.applied):]]  # fmt: skip
         return reasons
 
     async def _apply(self, http: httpx.AsyncClient, step: Step) -> int | str:

@@ -38,6 +38,7 @@ LOG_TAIL_LINES = 15
 # Processes that never go through the fault proxy: the proxy itself, and the bank (the outside
 # world, with its own database).
 DIRECT_CHILDREN = frozenset({"proxy", "bank"})
+JANITOR_BANK_PROXY = "bank_janitor"
 PORT_VARIABLES = (
     "KIZO_PG_PORT",
     "KIZO_REDIS_PORT",
@@ -158,7 +159,8 @@ def scratch_system(
     """Start the system; stop every process and server, and delete the data, on exit. KIZO_*
     ``overrides`` tune it (shards, workers, rate limits…). ``behind_proxy``: the API, workers
     and janitor reach PostgreSQL, Redis and the bank through the fault proxy's proxies named
-    postgres, redis and bank (the bank and the readers of the final state go direct). If the
+    postgres, redis and bank, the janitor the bank through its own, bank_janitor (the bank and
+    the readers of the final state go direct). If the
     body fails, the tail of each process's log is printed to stderr."""
     with tempfile.TemporaryDirectory(prefix="kizo-system-") as home, ExitStack() as stack:
         env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
@@ -206,19 +208,26 @@ def _start_children(
 ) -> dict[str, dict[str, str]]:
     """Start each child once the one before it serves; returns each one's environment."""
     kizo_env = env
+    janitor_env: dict[str, str] = {}
     envs: dict[str, dict[str, str]] = {}
     for child in children(config):
         log = stack.enter_context((logs / f"{child.name}.log").open("wb"))
         envs[child.name] = env if child.name in DIRECT_CHILDREN else kizo_env
+        if child.name == "janitor":
+            envs[child.name] = envs[child.name] | janitor_env
         procs.append((child, start_child(child, envs[child.name], log)))
         if child.name == "proxy" and behind_proxy:
-            kizo_env = env | _through_proxies(config)
+            kizo_env, janitor_env = _through_proxies(config)
+            kizo_env = env | kizo_env
     return envs
 
 
-def _through_proxies(config: Config) -> dict[str, str]:
-    """Create the proxies; the environment that sends Kizo's processes through them."""
-    host, upstreams = config.host, config.proxied_services()
+def _through_proxies(config: Config) -> tuple[dict[str, str], dict[str, str]]:
+    """Create the proxies; the environment that sends Kizo's processes through them, and the
+    janitor's own: it reaches the bank through a proxy of its own, ``bank_janitor``, so that
+    a scenario can cut the janitor from the bank while the workers still reach it."""
+    host, upstreams = config.host, dict(config.proxied_services())
+    upstreams[JANITOR_BANK_PROXY] = upstreams["bank"]
     listen = {name: free_port() for name in upstreams}
     body = [{"name": n, "listen": f"{host}:{listen[n]}", "upstream": upstream}
             for n, upstream in upstreams.items()]  # fmt: skip
@@ -228,7 +237,7 @@ def _through_proxies(config: Config) -> dict[str, str]:
         "DATABASE_URL": f"postgresql://postgres@{host}:{listen['postgres']}/kizo",
         "REDIS_URL": f"redis://{host}:{listen['redis']}/0",
         "KIZO_BANK_URL": f"http://{host}:{listen['bank']}",
-    }
+    }, {"KIZO_BANK_URL": f"http://{host}:{listen[JANITOR_BANK_PROXY]}"}
 
 
 def _print_log_tails(logs: Path) -> None:
