@@ -76,13 +76,13 @@ def test_a_flaky_bank_still_moves_money_exactly_once() -> None:
     assert (
         isinstance(injected, dict) and injected.get("drop", 0) > 0 and injected.get("error", 0) > 0
     )
-    assert report["steps_skipped"] == []
+    assert report["steps_skipped"] == [] and report["steps_failed"] == []
 
 
 def test_database_latency_and_cut_connections_lose_nothing() -> None:
     report = _run("db-latency", seed=3)
     assert report["violations"] == 0, report["violations_shown"]
-    assert report["steps_skipped"] == []
+    assert report["steps_skipped"] == [] and report["steps_failed"] == []
     assert [step["status"] for step in report["timeline"]] == [200, 200, 204]
 
 
@@ -97,12 +97,14 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_nothing() -> None:
     report = _run("worker-crash", seed=4)
     assert report["violations"] == 0, report["violations_shown"]
     assert [step["status"] for step in report["timeline"]] == ["killed", "running"]
+    assert not failed(report), report["steps_failed"]
 
 
 def test_an_api_killed_under_load_leaves_only_resolved_unknowns() -> None:
     report = _run("api-crash", seed=4)
     assert report["violations"] == 0, report["violations_shown"]
     assert [step["status"] for step in report["timeline"]] == ["killed", "running"]
+    assert not failed(report), report["steps_failed"]
     unanswered = sum(n for k, n in report["by_kind_and_status"].items() if k.endswith(" None"))
     assert unanswered > 0, "the crash went unnoticed: the scenario tested nothing"
 
