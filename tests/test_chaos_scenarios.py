@@ -147,3 +147,30 @@ def test_a_scenario_whose_steps_cannot_run_fails(tmp_path: Path) -> None:
     assert len(reasons) == 2 and "no process 'worker-9'" in reasons[0], reasons
     assert reasons[1] == "skipped (the workload ended first): heal"
     assert failed(report)
+
+
+def test_valkey_restarted_without_its_data_comes_back_empty(tmp_path: Path) -> None:
+    """What ``restart valkey`` with ``lose_data`` does: a snapshot that survives a plain crash
+    and restart is gone after ``remove_data``."""
+    import redis
+
+    from infra.servers import EmbeddedValkey, free_port
+
+    valkey = EmbeddedValkey(tmp_path / "valkey", free_port())
+    try:
+        valkey.start()
+        client = redis.Redis(port=valkey.port, socket_timeout=5)
+        client.set("queued", "job")
+        client.save()  # on disk, as a queue is after its fsync
+        valkey.kill()
+        assert not valkey.running
+        valkey.start()
+        client = redis.Redis(port=valkey.port, socket_timeout=5)
+        assert client.get("queued") == b"job"
+        valkey.kill()
+        valkey.remove_data()
+        valkey.start()
+        client = redis.Redis(port=valkey.port, socket_timeout=5)
+        assert client.get("queued") is None and valkey.running
+    finally:
+        valkey.stop()
