@@ -40,6 +40,11 @@ BACKEND_LOST: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
+    # A connection lost mid-transaction (PostgreSQL killed) can leave asyncpg's protocol state
+    # confused ("cannot switch to state 12; another operation is in progress", asyncpg #1069):
+    # the commit may or may not have landed, so it is a 503 to retry, not a 500 "nothing
+    # changed". Found by the pg-crash chaos scenario.
+    asyncpg.InternalClientError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
 )

@@ -6,8 +6,10 @@
                                                    fault proxy (chaos/scenarios/*.toml)
     kizo chaos list                                the scenarios
 
-Exit code 0 when the checker finds nothing, 1 when it finds violations (they are printed),
-2 on bad usage. ``--mutation`` runs a deliberately broken build, to see the checker fail.
+Exit code 0 when the checker finds nothing, 1 when it finds violations (they are printed) or
+a scenario step could not run when planned (skipped, late by more than
+``chaos.scenario.STEP_LATE_S_MAX``, or refused), 2 on bad usage.
+``--mutation`` runs a deliberately broken build, to see the checker fail.
 """
 
 from __future__ import annotations
@@ -76,7 +78,12 @@ def _chaos(_config: Config, args: argparse.Namespace) -> int:
                                 ops_per_process=args.ops, seed=args.seed)  # fmt: skip
     report = run(params, scenario, args.seed, args.mutation)
     print(json.dumps(report) if args.json else text(report))
-    return 1 if report["violations"] else 0
+    return 1 if failed(report) else 0
+
+
+def failed(report: dict[str, Any]) -> bool:
+    """The run does not pass: violations, or a fault step that did not run as planned."""
+    return bool(report["violations"] or report["steps_failed"])
 
 
 def run(params: WorkloadParams, scenario: Scenario | None, seed: int,
@@ -140,6 +147,8 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
         "steps_skipped": []
         if scenario is None
         else [s.describe() for s in scenario.method[len(timeline.applied) :]],
+        # Skipped, late or refused: each one fails the run.
+        "steps_failed": [] if scenario is None else timeline.failures(scenario.method),
         "violations": len(violations),
         "violation_rules": dict(Counter(v.rule for v in violations)),
         "violations_shown": [f"{v.rule}: {v.detail}" for v in violations][:VIOLATIONS_SHOWN_MAX],
@@ -160,9 +169,12 @@ def text(report: dict[str, Any]) -> str:
         faults = ", ".join(f"{k} {n}" for k, n in sorted(report["bank_faults_injected"].items()))
         lines.append(f"  bank faults       {faults}")
     if report["timeline"]:
-        lines.append("  faults")
-        lines += [f"    {s['at_s']:>6} s  {s['step']} -> {s['status']}" for s in report["timeline"]]
-    lines += [f"    skipped (the workload ended first): {s}" for s in report["steps_skipped"]]
+        lines.append("  faults            planned -> actual")
+        lines += [f"    {s['at_s']:>6} s -> {s['actual_s']:>6} s  {s['step']} -> {s['status']}"
+                  for s in report["timeline"]]  # fmt: skip
+    if report["steps_failed"]:
+        lines.append(f"  steps failed      {len(report['steps_failed'])} (the run fails)")
+    lines += [f"    {s}" for s in report["steps_failed"]]
     lines.append(f"  violations        {report['violations']}")
     lines += [f"    {rule:<28} {n}" for rule, n in sorted(report["violation_rules"].items())]
     if report["violations_shown"]:

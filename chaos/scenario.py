@@ -11,20 +11,29 @@ A scenario is a TOML file (chaos/scenarios/*.toml):
     users = 12
     processes = 8
     ops = 80
+    hot_share = 0.5            # the share of transfers sent to one account (default 0)
 
     [[method]]                 # in time order
     at_s = 1.0
     action = "toxic"           # toxic | remove_toxic | disable | enable | bank_faults | heal
-                               # | kill | restart
-    proxy = "postgres"         # postgres | redis | bank (toxic, remove_toxic, disable, enable)
-    process = "worker-0"       # kill (SIGKILL, with its own children), restart: worker-N, api,
-                               # janitor, bank
+                               # | kill | restart | pause | resume
+    proxy = "postgres"         # postgres | redis | bank | bank_janitor (the janitor's own way
+                               # to the bank): toxic, remove_toxic, disable, enable
+    process = "worker-0"       # kill (SIGKILL, with its own children), restart, pause (SIGSTOP),
+                               # resume (SIGCONT): worker-N, api, janitor, bank; kill and
+                               # restart also: postgres, valkey (the embedded servers)
+    lose_data = true           # restart of valkey only: it comes back empty
     toxic = { type = "latency", stream = "downstream", attributes = { latency = 30 } }
 
 ``bank_faults`` takes ``faults = { error_rate = 0.1, drop_rate = 0.2, latency_ms = 20 }``;
 ``remove_toxic`` takes ``name``; ``heal`` starts killed processes again, resets the proxy and
 clears the bank's faults (the rollback, which also always runs when the workload ends). The
 seed (``--seed``) drives the workload and the bank's fault dice.
+
+Strict: the workload keeps its load on until the timeline has run (within ``seconds_max``), and
+a step that could not run when planned fails the run: skipped (the workload's deadline came
+first), started more than ``STEP_LATE_S_MAX`` after its ``at_s``, or refused (its action failed).
+The report lists each step's planned and actual time.
 """
 
 from __future__ import annotations
@@ -43,13 +52,20 @@ import trio
 from chaos.bank_workload import WorkloadParams
 
 SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"
-ACTIONS = ("toxic", "remove_toxic", "disable", "enable", "bank_faults", "heal", "kill", "restart")
-PROCESS = re.compile(r"worker-[0-9]+|api|janitor|bank")
-PROXIES = ("postgres", "redis", "bank")
+ACTIONS = ("toxic", "remove_toxic", "disable", "enable", "bank_faults", "heal", "kill", "restart",
+           "pause", "resume")  # fmt: skip
+PROCESS_ACTIONS = ("kill", "restart", "pause", "resume")
+PROCESS = re.compile(r"worker-[0-9]+|api|janitor|bank|postgres|valkey")
+SERVERS = frozenset({"postgres", "valkey"})  # embedded servers: kill and restart only
+PROXIES = ("postgres", "redis", "bank", "bank_janitor")  # bank_janitor: the janitor's only
 TOLERABLE = frozenset({503})
 RUN_S_MAX = 300.0
+# How much later than planned a step may start: a restart waits for its process to serve
+# (about a second), which delays the steps after it.
+STEP_LATE_S_MAX = 3.0
 WORKLOAD_KEYS = {"users": "users", "processes": "processes", "ops": "ops_per_process",
-                 "seconds_max": "seconds_max", "converge_s_max": "converge_s_max"}  # fmt: skip
+                 "seconds_max": "seconds_max", "converge_s_max": "converge_s_max",
+                 "hot_share": "hot_share"}  # fmt: skip
 
 
 class ScenarioError(Exception):
@@ -130,6 +146,8 @@ def _workload(raw: object, seed: int, where: str) -> WorkloadParams:
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ScenarioError(f"{where}: workload.{key} must be a positive number")
         values[WORKLOAD_KEYS[key]] = value
+    if values.get("hot_share", 0) > 1:
+        raise ScenarioError(f"{where}: workload.hot_share must be a share from 0 to 1")
     if values.get("users", 2) < 2 or values.get("users", 2) > 500:
         raise ScenarioError(f"{where}: workload.users must be between 2 and 500")
     params = WorkloadParams(**values)
@@ -147,11 +165,18 @@ def _step(raw: Mapping[str, Any], where: str) -> Step:
     target = raw.get("proxy", "")
     if action in ("toxic", "remove_toxic", "disable", "enable") and target not in PROXIES:
         raise ScenarioError(f"{where}: proxy must be one of {', '.join(PROXIES)}")
-    if action in ("kill", "restart"):
+    if action in PROCESS_ACTIONS:
         target = raw.get("process", "")
         if not isinstance(target, str) or not PROCESS.fullmatch(target):
-            raise ScenarioError(f"{where}: process must be worker-N, api, janitor or bank")
-    body: Mapping[str, Any] = {}
+            raise ScenarioError(
+                f"{where}: process must be worker-N, api, janitor, bank, postgres or valkey"
+            )
+        if action in ("pause", "resume") and target in SERVERS:
+            raise ScenarioError(f"{where}: {target} can only be killed and restarted")
+    lose_data = raw.get("lose_data", False)
+    if lose_data and (action != "restart" or target != "valkey" or lose_data is not True):
+        raise ScenarioError(f"{where}: lose_data = true goes only with restart of valkey")
+    body: Mapping[str, Any] = {"lose_data": True} if lose_data else {}
     if action == "toxic":
         body = raw.get("toxic", {})
     elif action == "remove_toxic":
@@ -166,7 +191,9 @@ def _step(raw: Mapping[str, Any], where: str) -> Step:
 
 class Processes(Protocol):
     def kill(self, name: str) -> None: ...
-    def respawn(self, name: str) -> None: ...
+    def pause(self, name: str) -> None: ...
+    def resume(self, name: str) -> None: ...
+    def respawn(self, name: str, lose_data: bool = False) -> None: ...
     def wait_started(self, name: str) -> None: ...
 
 
@@ -181,32 +208,46 @@ class Timeline:
     processes: Processes | None = None
     applied: list[dict[str, Any]] = field(default_factory=list)
     down: set[str] = field(default_factory=set)  # killed and not restarted yet
+    paused: set[str] = field(default_factory=set)  # stopped (SIGSTOP) and not resumed yet
 
     async def run(self, steps: Sequence[Step], started: float) -> None:
         async with httpx.AsyncClient(timeout=10) as http:
             for step in steps:
                 await trio.sleep_until(started + step.at_s)
-                status = await self._apply(http, step)
-                self.applied.append({"at_s": round(trio.current_time() - started, 2),
-                                     "step": step.describe(), "status": status})  # fmt: skip
+                actual_s = trio.current_time() - started
+                try:
+                    status = await self._apply(http, step)
+                except (ScenarioError, httpx.HTTPError) as exc:
+                    status = f"error: {exc}"
+                self.applied.append({
+                    "at_s": step.at_s,  # planned
+                    "actual_s": round(actual_s, 2),
+                    "took_s": round(trio.current_time() - started - actual_s, 2),
+                    "step": step.describe(),
+                    "status": status,
+                })  # fmt: skip
+
+    def failures(self, steps: Sequence[Step]) -> list[str]:
+        """Why the run cannot count: each step skipped, late or refused."""
+        reasons: list[str] = []
+        for done in self.applied:
+            late_s = done["actual_s"] - done["at_s"]
+            if late_s > STEP_LATE_S_MAX:
+                reasons.append(f"late by {late_s:.2f} s (more than {STEP_LATE_S_MAX} s): "
+                               f"{done['step']}")  # fmt: skip
+            if isinstance(done["status"], str) and done["status"].startswith("error"):
+                reasons.append(f"failed: {done['status'].removeprefix('error: ')}")
+        reasons += [f"skipped (the workload ended first): {s.describe()}"
+                    for s in steps[len(self.applied):]]  # fmt: skip
+        return reasons
 
     async def _apply(self, http: httpx.AsyncClient, step: Step) -> int | str:
         proxies = f"{self.proxy_url}/proxies"
-        if step.action in ("kill", "restart"):
-            if self.processes is None:
-                raise ScenarioError(f"{step.describe()}: no process control in this run")
+        if step.action in PROCESS_ACTIONS:
             try:
-                if step.action == "kill":
-                    await trio.to_thread.run_sync(self.processes.kill, step.target)
-                else:
-                    await self._restart(step.target)
-            except (KeyError, RuntimeError) as exc:
+                return await self._control(step)
+            except (KeyError, RuntimeError, OSError) as exc:
                 raise ScenarioError(f"{step.describe()}: {exc}") from None
-            if step.action == "kill":
-                self.down.add(step.target)
-                return "killed"
-            self.down.discard(step.target)
-            return "running"
         if step.action == "toxic":
             r = await http.post(f"{proxies}/{step.target}/toxics", json=dict(step.body))
         elif step.action == "remove_toxic":
@@ -223,16 +264,43 @@ class Timeline:
             raise ScenarioError(f"{step.describe()}: {r.status_code} {r.text.strip()[:200]}")
         return r.status_code
 
-    async def _restart(self, name: str) -> None:
+    async def _control(self, step: Step) -> str:
+        if self.processes is None:
+            raise ScenarioError(f"{step.describe()}: no process control in this run")
+        name = step.target
+        if step.action == "kill":
+            await trio.to_thread.run_sync(self.processes.kill, name)
+            self.down.add(name)
+            return "killed"
+        if step.action == "pause":
+            self.processes.pause(name)
+            self.paused.add(name)
+            return "paused"
+        if step.action == "resume":
+            self.processes.resume(name)
+            self.paused.discard(name)
+            return "running"
+        await self._restart(name, bool(step.body.get("lose_data")))
+        self.down.discard(name)
+        return "running"
+
+    async def _restart(self, name: str, lose_data: bool = False) -> None:
         assert self.processes is not None
         # Spawned here, in trio's thread (the main one): a process dies with the thread that
         # spawned it, and trio's worker threads end when idle. Its start is waited for in one.
-        self.processes.respawn(name)
+        # (An embedded server starts whole here, blocking the loop for the second it takes.)
+        self.processes.respawn(name, lose_data)
         await trio.to_thread.run_sync(self.processes.wait_started, name)
 
     async def heal(self, http: httpx.AsyncClient) -> int:
-        """Every process killed is started again, every proxy reset, the bank's faults gone."""
-        for name in sorted(self.down):
+        """Every process paused is resumed and every one killed started again (servers first),
+        every proxy reset, the bank's faults gone."""
+        assert self.processes is not None or not (self.paused or self.down)
+        for name in sorted(self.paused):
+            assert self.processes is not None
+            self.processes.resume(name)
+        self.paused.clear()
+        for name in sorted(self.down, key=lambda n: (n not in SERVERS, n)):
             await self._restart(name)
         self.down.clear()
         reset = await http.post(f"{self.proxy_url}/reset")

@@ -146,11 +146,17 @@ def stop_children(
 
 
 def start_servers(
-    config: Config, stack: ExitStack, say: Callable[[str], None] = say_up, *, scratch: bool = False
+    config: Config,
+    stack: ExitStack,
+    say: Callable[[str], None] = say_up,
+    *,
+    scratch: bool = False,
+    started: dict[str, EmbeddedPostgres | EmbeddedValkey] | None = None,
 ) -> Config:
     """Start the embedded servers the config asks for, each serving before this returns; they
     stop when ``stack`` closes (a server that failed to start included), and ``scratch``
-    servers' data is deleted then too. Returns the config with their URLs."""
+    servers' data is deleted then too. Returns the config with their URLs; ``started`` gets
+    the servers by name (postgres, valkey), for chaos scenarios that crash them."""
     if config.embedded_postgres:
         pg = EmbeddedPostgres(config.pg_data_dir, config.pg_port, fsync=config.pg_fsync)
         if scratch:
@@ -158,11 +164,15 @@ def start_servers(
         stack.callback(pg.stop)
         say(f"starting PostgreSQL (data in {pg.data_dir})")
         pg.start()
+        if started is not None:
+            started["postgres"] = pg
         config = config.with_urls(pg.url(), config.redis_url)
     if config.embedded_redis:
         valkey = EmbeddedValkey(config.redis_data_dir, config.redis_port)
         stack.callback(valkey.stop)
         say(f"starting Valkey (data in {valkey.data_dir})")
         valkey.start()
+        if started is not None:
+            started["valkey"] = valkey
         config = config.with_urls(config.pg_url(), valkey.url())
     return config

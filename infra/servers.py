@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -229,6 +230,17 @@ class EmbeddedPostgres:
             _stop(self._proc, signal.SIGINT)  # SIGINT is PostgreSQL's "fast" shutdown
             self._proc = None
 
+    def kill(self) -> None:
+        """SIGKILL the postmaster, as a crash would (chaos scenarios): its backends notice and
+        exit, and the next ``start`` recovers from the write-ahead log."""
+        if self._proc is not None:
+            _stop(self._proc, signal.SIGKILL)
+            self._proc = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     def remove_data(self) -> None:
         """Delete the data (wherever the server user keeps it) and its log; the server must be
         stopped. For scratch servers, whose data must not outlive them."""
@@ -298,6 +310,16 @@ class EmbeddedValkey:
         if self._proc is not None:
             _stop(self._proc, signal.SIGKILL)
             self._proc = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def remove_data(self) -> None:
+        """Delete what it persisted (append-only file, snapshot): the next start is empty, as
+        a server replaced with a blank one. The server must be stopped."""
+        if self.data_dir.is_dir():
+            shutil.rmtree(self.data_dir)
 
 
 @contextlib.contextmanager

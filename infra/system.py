@@ -32,12 +32,13 @@ from infra.processes import (
     stop_children,
     wait_child,
 )
-from infra.servers import free_port
+from infra.servers import EmbeddedPostgres, EmbeddedValkey, free_port
 
 LOG_TAIL_LINES = 15
 # Processes that never go through the fault proxy: the proxy itself, and the bank (the outside
 # world, with its own database).
 DIRECT_CHILDREN = frozenset({"proxy", "bank"})
+JANITOR_BANK_PROXY = "bank_janitor"
 PORT_VARIABLES = (
     "KIZO_PG_PORT",
     "KIZO_REDIS_PORT",
@@ -69,16 +70,34 @@ class System:
 
 
 class ProcessControl:
-    """Crash and restart the system's processes by name (chaos scenarios)."""
+    """Crash, pause and restart the system's processes by name (chaos scenarios), and its
+    embedded servers (postgres, valkey: crash and restart only)."""
 
     def __init__(self, procs: list[tuple[Child, subprocess.Popen[bytes]]],
-                 envs: dict[str, dict[str, str]], logs: Path) -> None:  # fmt: skip
+                 envs: dict[str, dict[str, str]], logs: Path,
+                 servers: Mapping[str, EmbeddedPostgres | EmbeddedValkey] | None = None,
+                 ) -> None:  # fmt: skip
         self.procs = procs  # the list the system stops at exit: restarts land in it
         self.envs = envs
         self.logs = logs
+        self.servers = dict(servers or {})
 
     def names(self) -> list[str]:
-        return [child.name for child, _ in self.procs]
+        return [child.name for child, _ in self.procs] + sorted(self.servers)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP the process and its own children: alive, holding its connections and jobs,
+        doing nothing (a process stuck in a long GC pause or a frozen VM)."""
+        self._signal(name, signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        self._signal(name, signal.SIGCONT)
+
+    def _signal(self, name: str, sig: int) -> None:
+        if name in self.servers:
+            raise KeyError(f"{name} can only be killed and restarted")
+        _child, proc = self.procs[self._index(name)]
+        os.killpg(proc.pid, sig)
 
     def _index(self, name: str) -> int:
         for i, (child, _) in enumerate(self.procs):
@@ -88,14 +107,23 @@ class ProcessControl:
 
     def kill(self, name: str) -> None:
         """SIGKILL the process and its own children (it leads its process group)."""
+        if name in self.servers:
+            self.servers[name].kill()
+            return
         _child, proc = self.procs[self._index(name)]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
 
-    def respawn(self, name: str) -> None:
+    def respawn(self, name: str, lose_data: bool = False) -> None:
         """Start a killed process again, without waiting: call it from the main thread (see
-        ``infra.processes.spawn_child``), then ``wait_started`` from any thread."""
+        ``infra.processes.spawn_child``), then ``wait_started`` from any thread. A server starts
+        here, serving when this returns; ``lose_data`` (valkey only) starts it empty."""
+        if name in self.servers:
+            self._restart_server(name, lose_data)
+            return
+        if lose_data:
+            raise RuntimeError(f"only valkey restarts without its data, not {name}")
         index = self._index(name)
         child, old = self.procs[index]
         if old.poll() is None:
@@ -103,7 +131,19 @@ class ProcessControl:
         with (self.logs / f"{child.name}.log").open("ab") as log:
             self.procs[index] = (child, spawn_child(child, self.envs[name], log))
 
+    def _restart_server(self, name: str, lose_data: bool) -> None:
+        server = self.servers[name]
+        if server.running:
+            raise RuntimeError(f"{name} is still running")
+        if lose_data:
+            if not isinstance(server, EmbeddedValkey):
+                raise RuntimeError(f"only valkey restarts without its data, not {name}")
+            server.remove_data()
+        server.start()
+
     def wait_started(self, name: str) -> None:
+        if name in self.servers:
+            return  # started by ``respawn``
         child, proc = self.procs[self._index(name)]
         wait_child(child, proc, self.logs / f"{child.name}.log")
 
@@ -119,7 +159,8 @@ def scratch_system(
     """Start the system; stop every process and server, and delete the data, on exit. KIZO_*
     ``overrides`` tune it (shards, workers, rate limits…). ``behind_proxy``: the API, workers
     and janitor reach PostgreSQL, Redis and the bank through the fault proxy's proxies named
-    postgres, redis and bank (the bank and the readers of the final state go direct). If the
+    postgres, redis and bank, the janitor the bank through its own, bank_janitor (the bank and
+    the readers of the final state go direct). If the
     body fails, the tail of each process's log is printed to stderr."""
     with tempfile.TemporaryDirectory(prefix="kizo-system-") as home, ExitStack() as stack:
         env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
@@ -131,7 +172,9 @@ def scratch_system(
             **(overrides or {}),
         }
         # The stack stops what started, and the temporary home goes, even when a start fails.
-        config = start_servers(Config.from_env(env), stack, say=_quiet, scratch=True)
+        servers: dict[str, EmbeddedPostgres | EmbeddedValkey] = {}
+        config = start_servers(Config.from_env(env), stack, say=_quiet, scratch=True,
+                               started=servers)  # fmt: skip
         asyncio.run(prepare_database(config.pg_url(), config.ledger.currency))
         env |= {"DATABASE_URL": config.pg_url(), "REDIS_URL": config.valkey_url()}
         logs = Path(home) / "logs"
@@ -146,7 +189,7 @@ def scratch_system(
             f"http://{config.host}:{config.bank_port}",
             procs,
             f"http://{config.host}:{config.proxy_api_port}",
-            ProcessControl(procs, envs, logs),
+            ProcessControl(procs, envs, logs, servers),
         )
         try:
             yield system
@@ -165,19 +208,26 @@ def _start_children(
 ) -> dict[str, dict[str, str]]:
     """Start each child once the one before it serves; returns each one's environment."""
     kizo_env = env
+    janitor_env: dict[str, str] = {}
     envs: dict[str, dict[str, str]] = {}
     for child in children(config):
         log = stack.enter_context((logs / f"{child.name}.log").open("wb"))
         envs[child.name] = env if child.name in DIRECT_CHILDREN else kizo_env
+        if child.name == "janitor":
+            envs[child.name] = envs[child.name] | janitor_env
         procs.append((child, start_child(child, envs[child.name], log)))
         if child.name == "proxy" and behind_proxy:
-            kizo_env = env | _through_proxies(config)
+            kizo_env, janitor_env = _through_proxies(config)
+            kizo_env = env | kizo_env
     return envs
 
 
-def _through_proxies(config: Config) -> dict[str, str]:
-    """Create the proxies; the environment that sends Kizo's processes through them."""
-    host, upstreams = config.host, config.proxied_services()
+def _through_proxies(config: Config) -> tuple[dict[str, str], dict[str, str]]:
+    """Create the proxies; the environment that sends Kizo's processes through them, and the
+    janitor's own: it reaches the bank through a proxy of its own, ``bank_janitor``, so that
+    a scenario can cut the janitor from the bank while the workers still reach it."""
+    host, upstreams = config.host, dict(config.proxied_services())
+    upstreams[JANITOR_BANK_PROXY] = upstreams["bank"]
     listen = {name: free_port() for name in upstreams}
     body = [{"name": n, "listen": f"{host}:{listen[n]}", "upstream": upstream}
             for n, upstream in upstreams.items()]  # fmt: skip
@@ -187,7 +237,7 @@ def _through_proxies(config: Config) -> dict[str, str]:
         "DATABASE_URL": f"postgresql://postgres@{host}:{listen['postgres']}/kizo",
         "REDIS_URL": f"redis://{host}:{listen['redis']}/0",
         "KIZO_BANK_URL": f"http://{host}:{listen['bank']}",
-    }
+    }, {"KIZO_BANK_URL": f"http://{host}:{listen[JANITOR_BANK_PROXY]}"}
 
 
 def _print_log_tails(logs: Path) -> None:

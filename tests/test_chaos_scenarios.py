@@ -10,12 +10,18 @@ from typing import Any
 import pytest
 
 from chaos import scenario as scenarios
-from chaos.cli import run
+from chaos.cli import failed, run
+
+SHIPPED = {
+    "api-crash", "bank-flaky", "combined-storm", "db-latency", "hot-account", "janitor-down",
+    "janitor-partition", "pg-crash", "pg-reset", "redis-outage", "redis-slicer", "valkey-wipe",
+    "worker-crash", "zombie-worker",
+}  # fmt: skip
 
 
 def test_every_shipped_scenario_loads() -> None:
     names = scenarios.names()
-    assert {"api-crash", "bank-flaky", "db-latency", "redis-outage", "worker-crash"} <= set(names)
+    assert set(names) >= SHIPPED
     for name in names:
         loaded = scenarios.load(name, seed=1)
         assert loaded.title and loaded.method and loaded.tolerated <= {503}
@@ -30,7 +36,12 @@ def test_every_shipped_scenario_loads() -> None:
         ('title = "t"\n[[method]]\naction = "toxic"\nproxy = "mysql"', "proxy must be one of"),
         ('title = "t"\n[[method]]\naction = "remove_toxic"\nproxy = "redis"', "needs its table"),
         ('title = "t"\n[[method]]\nat_s = -1\naction = "heal"', "at_s must be"),
-        ('title = "t"\n[[method]]\naction = "kill"\nprocess = "postgres"', "process must be"),
+        ('title = "t"\n[[method]]\naction = "kill"\nprocess = "redis"', "process must be"),
+        ('title = "t"\n[[method]]\naction = "pause"\nprocess = "postgres"',
+         "can only be killed and restarted"),
+        ('title = "t"\n[[method]]\naction = "restart"\nprocess = "postgres"\nlose_data = true',
+         "lose_data = true goes only with restart of valkey"),
+        ('title = "t"\n[workload]\nhot_share = 1.5', "hot_share must be a share"),
         ('title = "t"\n[[method]]\nat_s = 5\naction = "heal"\n[[method]]\nat_s = 1\n'
          'action = "heal"', "in time order"),
         ('title = "t"\n[workload]\nusers = 1', "users must be between 2 and 500"),
@@ -65,13 +76,13 @@ def test_a_flaky_bank_still_moves_money_exactly_once() -> None:
     assert (
         isinstance(injected, dict) and injected.get("drop", 0) > 0 and injected.get("error", 0) > 0
     )
-    assert report["steps_skipped"] == []
+    assert report["steps_skipped"] == [] and report["steps_failed"] == []
 
 
 def test_database_latency_and_cut_connections_lose_nothing() -> None:
     report = _run("db-latency", seed=3)
     assert report["violations"] == 0, report["violations_shown"]
-    assert report["steps_skipped"] == []
+    assert report["steps_skipped"] == [] and report["steps_failed"] == []
     assert [step["status"] for step in report["timeline"]] == [200, 200, 204]
 
 
@@ -86,11 +97,80 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_nothing() -> None:
     report = _run("worker-crash", seed=4)
     assert report["violations"] == 0, report["violations_shown"]
     assert [step["status"] for step in report["timeline"]] == ["killed", "running"]
+    assert not failed(report), report["steps_failed"]
 
 
 def test_an_api_killed_under_load_leaves_only_resolved_unknowns() -> None:
     report = _run("api-crash", seed=4)
     assert report["violations"] == 0, report["violations_shown"]
     assert [step["status"] for step in report["timeline"]] == ["killed", "running"]
+    assert not failed(report), report["steps_failed"]
     unanswered = sum(n for k, n in report["by_kind_and_status"].items() if k.endswith(" None"))
     assert unanswered > 0, "the crash went unnoticed: the scenario tested nothing"
+
+
+def test_a_step_late_by_more_than_the_tolerance_or_refused_fails_the_run() -> None:
+    steps = scenarios.load("worker-crash", seed=1).method
+    timeline = scenarios.Timeline("", "", seed=1)
+    late_s = scenarios.STEP_LATE_S_MAX + 0.5
+    timeline.applied = [
+        {"at_s": 1.0, "actual_s": 1.0 + late_s, "step": "kill worker-0", "status": "killed"},
+        {"at_s": 2.5, "actual_s": 2.6, "step": "restart worker-0", "status": "error: gone"},
+    ]
+    reasons = timeline.failures(steps)
+    assert reasons == [
+        f"late by {late_s:.2f} s (more than {scenarios.STEP_LATE_S_MAX} s): kill worker-0",
+        "failed: gone",
+    ]
+    timeline.applied[0]["actual_s"] = 1.0 + scenarios.STEP_LATE_S_MAX
+    timeline.applied[1]["status"] = "running"
+    assert timeline.failures(steps) == []
+    assert timeline.failures([*steps, steps[0]]) == [
+        "skipped (the workload ended first): kill worker-0"
+    ]
+
+
+def test_a_scenario_whose_steps_cannot_run_fails(tmp_path: Path) -> None:
+    """A step refused (no such process) and one planned after the workload's deadline: the run
+    finds no violation, yet fails."""
+    path = tmp_path / "impossible.toml"
+    path.write_text(
+        'title = "t"\n[workload]\nusers = 2\nprocesses = 1\nops = 1\nseconds_max = 1\n'
+        '[[method]]\nat_s = 0.2\naction = "kill"\nprocess = "worker-9"\n'
+        '[[method]]\nat_s = 60\naction = "heal"\n'
+    )
+    scenario = scenarios.load(str(path), seed=1)
+    report = run(scenario.workload, scenario, seed=1)
+    assert report["violations"] == 0, report["violations_shown"]
+    assert report["steps_skipped"] == ["heal"]
+    reasons = report["steps_failed"]
+    assert len(reasons) == 2 and "no process 'worker-9'" in reasons[0], reasons
+    assert reasons[1] == "skipped (the workload ended first): heal"
+    assert failed(report)
+
+
+def test_valkey_restarted_without_its_data_comes_back_empty(tmp_path: Path) -> None:
+    """What ``restart valkey`` with ``lose_data`` does: a snapshot that survives a plain crash
+    and restart is gone after ``remove_data``."""
+    import redis
+
+    from infra.servers import EmbeddedValkey, free_port
+
+    valkey = EmbeddedValkey(tmp_path / "valkey", free_port())
+    try:
+        valkey.start()
+        client = redis.Redis(port=valkey.port, socket_timeout=5)
+        client.set("queued", "job")
+        client.save()  # on disk, as a queue is after its fsync
+        valkey.kill()
+        assert not valkey.running
+        valkey.start()
+        client = redis.Redis(port=valkey.port, socket_timeout=5)
+        assert client.get("queued") == b"job"
+        valkey.kill()
+        valkey.remove_data()
+        valkey.start()
+        client = redis.Redis(port=valkey.port, socket_timeout=5)
+        assert client.get("queued") is None and valkey.running
+    finally:
+        valkey.stop()
