@@ -46,9 +46,9 @@ def _api(base: str, method: str, path: str, body: dict[str, Any] | None = None) 
     return reply.json() if reply.content else None
 
 
-def _start_proxy(stack: ExitStack, home: str, upstream_port: int) -> tuple[str, int, str]:
+def _start_proxy(stack: ExitStack, home: str, upstream: str) -> tuple[str, int]:
     """A ``kizo proxy`` process with one proxy, ``pg``, in front of the server; returns the API's
-    address, the proxy's port, and the proxy process's log."""
+    address and the proxy's port."""
     api_port = free_port()
     env = dict(os.environ, KIZO_PROXY_API_PORT=str(api_port), KIZO_PROXY_FILE="none",
                KIZO_HOST=HOST)  # fmt: skip
@@ -56,10 +56,9 @@ def _start_proxy(stack: ExitStack, home: str, upstream_port: int) -> tuple[str, 
     base = f"http://{HOST}:{api_port}"
     proc = start_child(Child("proxy", ["proxy"], f"{base}/version"), env, log)
     stack.callback(_stop, proc)
-    listen = f"{HOST}:{free_port()}"
-    _api(base, "POST", "/proxies", {"name": "pg", "listen": listen,
-                                    "upstream": f"{HOST}:{upstream_port}"})  # fmt: skip
-    return base, int(listen.rsplit(":", 1)[1]), log.name
+    created = _api(base, "POST", "/proxies", {"name": "pg", "listen": f"{HOST}:0",
+                                              "upstream": upstream})  # fmt: skip
+    return base, int(str(created["listen"]).rsplit(":", 1)[1])
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -71,7 +70,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
 
 
-def _windows(pg_port: int, proxy_port: int, database: str, p: ProxyBenchParams
+def _windows(host: str, pg_port: int, proxy_port: int, database: str, p: ProxyBenchParams
              ) -> dict[str, dict[str, list[float]]]:  # fmt: skip
     """TPS of every window: ``{workload: {"direct": [...], "proxied": [...]}}``."""
     tps: dict[str, dict[str, list[float]]] = {}
@@ -79,7 +78,7 @@ def _windows(pg_port: int, proxy_port: int, database: str, p: ProxyBenchParams
         runs: dict[str, list[float]] = {"direct": [], "proxied": []}
         for _ in range(p.pairs):
             for side, port in (("direct", pg_port), ("proxied", proxy_port)):
-                runs[side].append(pgbench_tps(HOST, port, database, p.clients, p.window_seconds,
+                runs[side].append(pgbench_tps(host, port, database, p.clients, p.window_seconds,
                                               select_only=workload == "select_only"))  # fmt: skip
         tps[workload] = runs
     return tps
@@ -117,21 +116,30 @@ def _metrics(base: str) -> str:
     return reply.text
 
 
+def bench_on_server(host: str, port: int, p: ProxyBenchParams) -> dict[str, Any]:
+    """The windows against the server at ``host:port``, in a pgbench database of their own
+    (dropped after), through a ``kizo proxy`` process started for them."""
+    base = f"postgresql://postgres@{host}:{port}"
+    database = f"kizo_pgbench_{uuid.uuid4().hex[:8]}"
+    aio.run(_admin(base, f"CREATE DATABASE {database}"))
+    try:
+        pgbench_init(host, port, database, p.pgbench_scale)
+        with tempfile.TemporaryDirectory(prefix="kizo-bench-proxy-") as home, ExitStack() as stack:
+            api, proxy_port = _start_proxy(stack, home, f"{host}:{port}")
+            tps = _windows(host, port, proxy_port, database, p)
+            return report_of(tps, p, _proxied_bytes(_metrics(api)))
+    finally:
+        aio.run(_admin(base, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+
+
 def run(p: ProxyBenchParams) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="kizo-bench-") as home, ExitStack() as stack:
+    """On an embedded server of our own."""
+    with tempfile.TemporaryDirectory(prefix="kizo-bench-") as home:
         pg = EmbeddedPostgres(Path(home) / "pgdata", free_port())
         try:
             pg.start()
-            database = f"kizo_pgbench_{uuid.uuid4().hex[:8]}"
-            aio.run(
-                _admin(f"postgresql://postgres@{pg.host}:{pg.port}", f"CREATE DATABASE {database}")
-            )
-            pgbench_init(pg.host, pg.port, database, p.pgbench_scale)
-            base, proxy_port, _log = _start_proxy(stack, home, pg.port)
-            tps = _windows(pg.port, proxy_port, database, p)
-            return report_of(tps, p, _proxied_bytes(_metrics(base)))
+            return bench_on_server(pg.host, pg.port, p)
         finally:
-            stack.close()  # the proxy first: it holds connections to the server
             pg.stop()
             pg.remove_data()  # run by root, the data lives outside the temporary directory
 
