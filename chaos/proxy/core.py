@@ -143,11 +143,13 @@ class Link:
                     queue: trio.MemorySendChannel[Any]) -> None:  # fmt: skip
         counted = self.proxy.counters.bytes
         source_fd, sink_fd = source.socket.fileno(), sink.socket.fileno()
-        chunks = 0
+        chunks, more = 0, False
         while True:
             direct = self._direct(stream)
             try:
-                data = await _receive(source_fd, DIRECT_CHUNK_MAX if direct else CHUNK_MAX)
+                size_max = DIRECT_CHUNK_MAX if direct else CHUNK_MAX
+                data = await _receive(source_fd, size_max, more)
+                more = len(data) == size_max
             except OSError:
                 break  # reset by the peer: as an end of stream
             if not data:
@@ -254,9 +256,13 @@ class Link:
         return kept, left <= 0
 
 
-async def _receive(fd: int, size_max: int) -> bytes:
+async def _receive(fd: int, size_max: int, more: bool) -> bytes:
     """One read of at most ``size_max`` bytes from a non-blocking socket; b"" at its end.
-    Straight system calls: the direct path's cost per chunk is the proxy's throughput."""
+    Straight system calls: the direct path's cost per chunk is the proxy's throughput. Unless
+    ``more`` (the last read filled its buffer, so more is likely waiting) it waits first: in a
+    request-and-answer protocol a read tried at once mostly fails, and costs a call."""
+    if not more:
+        await trio.lowlevel.wait_readable(fd)
     while True:
         try:
             return os.read(fd, size_max)
