@@ -11,7 +11,9 @@ from infra.config import Config
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=["ledger", "pipeline", "api"], help="what to measure")
+    parser.add_argument(
+        "name", choices=["ledger", "pipeline", "api", "proxy"], help="what to measure"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--transfers", type=bounded_int(100, 2_000_000), help="default 40k / 20k")
     parser.add_argument("--accounts", type=bounded_int(10, 1_000_000), help="default 20k / 5k")
@@ -37,12 +39,17 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     api.add_argument("--flood", type=bounded_int(1, 512), default=16, help="sign-in loops")
     api.add_argument("--windows", type=bounded_int(1, 40), default=8, help="pairs of windows")
     api.add_argument("--window-seconds", type=bounded_int(1, 120), default=4)
+    proxy = parser.add_argument_group("proxy")
+    proxy.add_argument("--pairs", type=bounded_int(1, 20), default=3,
+                       help="pairs of pgbench windows (direct, proxied) per workload")  # fmt: skip
 
 
 def _bench(config: Config, args: argparse.Namespace) -> int:
     if args.accounts is not None and args.accounts < 3:
         raise UsageError("--accounts must be at least 3")
-    report, text = {"ledger": _ledger, "pipeline": _pipeline, "api": _api}[args.name](config, args)
+    report, text = {"ledger": _ledger, "pipeline": _pipeline, "api": _api, "proxy": _proxy}[
+        args.name
+    ](config, args)
     print(json.dumps(report) if args.json else text)
     return 0
 
@@ -78,6 +85,18 @@ def _api(_config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str
         window_seconds=args.window_seconds,
         pgbench_seconds=args.pgbench_seconds,
         seed=args.seed,
+    )
+    report = run(params)
+    return report, table(report)
+
+
+def _proxy(_config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from kizo.bench_proxy import ProxyBenchParams, run, table
+
+    params = ProxyBenchParams(
+        clients=args.clients if args.clients != 4 else ProxyBenchParams.clients,
+        window_seconds=args.window_seconds,
+        pairs=args.pairs,
     )
     report = run(params)
     return report, table(report)

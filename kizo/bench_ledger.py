@@ -206,18 +206,33 @@ def run_pgbench(
     host: str, port: int, database: str, clients: int, seconds: int, scale: int
 ) -> float:
     """pgbench tpcb-like against ``database``; returns transactions per second."""
-    pgbench = str(pg_bin_dir() / "pgbench")
-    conn_args = ["-h", host, "-p", str(port), "-U", "postgres"]
+    pgbench_init(host, port, database, scale)
+    return pgbench_tps(host, port, database, clients, seconds)
+
+
+def _pgbench_args(host: str, port: int) -> list[str]:
+    return [str(pg_bin_dir() / "pgbench"), "-h", host, "-p", str(port), "-U", "postgres"]
+
+
+def pgbench_init(host: str, port: int, database: str, scale: int) -> None:
     subprocess.run(
-        [pgbench, *conn_args, "-i", "-q", "-s", str(scale), database],
+        [*_pgbench_args(host, port), "-i", "-q", "-s", str(scale), database],
         check=True,
         capture_output=True,
         timeout=300,
     )
+
+
+def pgbench_tps(
+    host: str, port: int, database: str, clients: int, seconds: int, *, select_only: bool = False
+) -> float:
+    """One pgbench run on an initialised ``database`` (tpcb-like, or select-only with ``-S``);
+    returns transactions per second."""
+    builtin = ["-S"] if select_only else []
     out = subprocess.run(
         [
-            pgbench,
-            *conn_args,
+            *_pgbench_args(host, port),
+            *builtin,
             "-c",
             str(clients),
             "-j",

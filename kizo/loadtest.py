@@ -188,8 +188,6 @@ def _loadtest(_config: Config, args: argparse.Namespace) -> int:
     return 0 if ok(report) else 1
 
 
-
-
 COMMANDS = [
     Command("loadtest", _loadtest, _configure),
 ]

@@ -46,6 +46,25 @@ async def test_bench_ledger_measures_both_workloads_and_pgbench(servers: ServerS
     assert report["params"]["transfers"] == 600
 
 
+def test_bench_proxy_compares_pgbench_direct_and_through_a_proxy_process(
+    servers: ServerSet,
+) -> None:
+    """The comparison's machinery on a tiny run; no figure is judged here."""
+    if servers.pg is None:
+        pytest.skip("needs the embedded server (pgbench connects over TCP to it)")
+    from kizo.bench_proxy import ProxyBenchParams, bench_on_server
+
+    params = ProxyBenchParams(clients=2, window_seconds=1, pairs=2, pgbench_scale=1)
+    report = bench_on_server(servers.pg.host, servers.pg.port, params)
+    for workload in ("tpcb_like", "select_only"):
+        direct, proxied = report[f"{workload}_direct_tps"], report[f"{workload}_proxied_tps"]
+        assert len(direct) == len(proxied) == 2 and min(direct + proxied) > 0
+        assert report[f"{workload}_ratio"] > 0
+        assert len(report[f"{workload}_ratios"]) == 2
+    # The proxied windows went through the proxy: it passed bytes both ways.
+    assert report["proxied_bytes"]["upstream"] > 0 and report["proxied_bytes"]["downstream"] > 0
+
+
 def test_bench_api_compares_payment_latency_with_and_without_a_signin_flood() -> None:
     """The comparison's machinery on a small run; no figure is judged here (benchmarks print
     them, docs/benchmarks.md)."""
