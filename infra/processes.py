@@ -22,7 +22,7 @@ from engine import ensure_system_accounts
 from infra.config import Config
 from infra.migrate import migrate
 from infra.readiness import http_probe, wait_ready
-from infra.servers import EmbeddedPostgres, EmbeddedValkey, die_with_parent
+from infra.servers import EmbeddedPostgres, EmbeddedValkey, die_with_parent, stop_process
 
 CHILD_START_TIMEOUT_S = 30.0
 CHILD_STOP_TIMEOUT_S = 20.0
@@ -127,13 +127,7 @@ def start_child(
 
 
 def _stop_child(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
+    stop_process(proc, signal.SIGTERM, CHILD_STOP_TIMEOUT_S)
 
 
 def stop_children(

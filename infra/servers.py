@@ -78,15 +78,18 @@ def die_with_parent(sig: int) -> Callable[[], None]:
     return preexec
 
 
-def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S
+) -> None:
+    """Send ``sig``, then SIGKILL after ``timeout_s``; always reaped."""
     if proc.poll() is not None:
         return
     proc.send_signal(sig)
     try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
+        proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait(timeout=STOP_TIMEOUT_S)
+        proc.wait(timeout=timeout_s)
 
 
 @dataclass
@@ -227,14 +230,14 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         if self._proc is not None:
-            _stop(self._proc, signal.SIGINT)  # SIGINT is PostgreSQL's "fast" shutdown
+            stop_process(self._proc, signal.SIGINT)  # SIGINT is PostgreSQL's "fast" shutdown
             self._proc = None
 
     def kill(self) -> None:
         """SIGKILL the postmaster, as a crash would (chaos scenarios): its backends notice and
         exit, and the next ``start`` recovers from the write-ahead log."""
         if self._proc is not None:
-            _stop(self._proc, signal.SIGKILL)
+            stop_process(self._proc, signal.SIGKILL)
             self._proc = None
 
     @property
@@ -302,13 +305,13 @@ class EmbeddedValkey:
 
     def stop(self) -> None:
         if self._proc is not None:
-            _stop(self._proc, signal.SIGTERM)
+            stop_process(self._proc, signal.SIGTERM)
             self._proc = None
 
     def kill(self) -> None:
         """Stop abruptly, as a crash would (tests of Redis outages use this)."""
         if self._proc is not None:
-            _stop(self._proc, signal.SIGKILL)
+            stop_process(self._proc, signal.SIGKILL)
             self._proc = None
 
     @property

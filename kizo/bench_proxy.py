@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import tempfile
 import uuid
 from contextlib import ExitStack
@@ -23,8 +22,8 @@ from typing import Any
 import httpx
 
 from infra import aio
-from infra.processes import CHILD_STOP_TIMEOUT_S, Child, start_child
-from infra.servers import EmbeddedPostgres, free_port
+from infra.processes import Child, start_child
+from infra.servers import EmbeddedPostgres, free_port, stop_process
 from kizo.bench_ledger import _admin, pgbench_init, pgbench_tps
 
 HOST = "127.0.0.1"
@@ -55,19 +54,10 @@ def _start_proxy(stack: ExitStack, home: str, upstream: str) -> tuple[str, int]:
     log = stack.enter_context(open(Path(home) / "proxy.log", "wb"))  # noqa: SIM115 (the stack closes it)
     base = f"http://{HOST}:{api_port}"
     proc = start_child(Child("proxy", ["proxy"], f"{base}/version"), env, log)
-    stack.callback(_stop, proc)
+    stack.callback(stop_process, proc)
     created = _api(base, "POST", "/proxies", {"name": "pg", "listen": f"{HOST}:0",
                                               "upstream": upstream})  # fmt: skip
     return base, int(str(created["listen"]).rsplit(":", 1)[1])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=CHILD_STOP_TIMEOUT_S)
 
 
 def _windows(host: str, pg_port: int, proxy_port: int, database: str, p: ProxyBenchParams
