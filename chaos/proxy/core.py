@@ -299,15 +299,6 @@ class Proxy:
     def enabled(self) -> bool:
         return self._listener_scope is not None
 
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "name": self.spec.name,
-            "listen": self.spec.listen,
-            "upstream": self.spec.upstream,
-            "enabled": self.enabled,
-            "toxics": [t.as_json() for t in self.toxics],
-        }
-
     async def start(self) -> None:
         if self.enabled:
             return
@@ -423,27 +414,6 @@ class Collection:
         self.proxies[spec.name] = proxy
         return proxy
 
-    async def add_or_replace(self, spec: ProxySpec) -> Proxy:
-        """POST /populate: an identical proxy stays as it is (with its toxics and connections);
-        a different one with that name is replaced."""
-        existing = self.proxies.get(spec.name)
-        if existing is not None:
-            same = (existing.spec.upstream, existing.enabled) == (spec.upstream, spec.enabled)
-            if same and _same_listen(existing.spec.listen, spec.listen):
-                return existing
-            existing.stop()
-            await existing.stopped()
-            del self.proxies[spec.name]
-        return await self.add(spec)
-
-    async def update(self, proxy: Proxy, spec: ProxySpec) -> None:
-        moved = (spec.listen, spec.upstream) != (proxy.spec.listen, proxy.spec.upstream)
-        if moved or not spec.enabled:
-            proxy.stop()
-        proxy.spec = spec
-        if spec.enabled:
-            await proxy.start()
-
     async def remove(self, name: str) -> None:
         proxy = self.get(name)
         proxy.stop()
@@ -455,10 +425,3 @@ class Collection:
         for proxy in self.proxies.values():
             proxy.clear_toxics()
             await proxy.start()
-
-
-def _same_listen(current: str, wanted: str) -> bool:
-    """A wanted port 0 matches whatever port was bound."""
-    (host, port), (want_host, want_port) = (parse_address(current, "listen"),
-                                            parse_address(wanted, "listen"))  # fmt: skip
-    return host == want_host and (want_port in (0, port))
