@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from infra.servers import free_port
@@ -15,24 +14,17 @@ from tests.conftest import ServerSet, kizo_env, stop_process, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 60.0
-WORKER_SETTLE_S = 3.0  # a worker has no answer to wait for: give it time to start its loops
 
 
-def _modules_of(
-    args: list[str], env: dict[str, str], tmp: Path, ready_url: str | None = None
-) -> set[str]:
+def _modules_of(args: list[str], env: dict[str, str], tmp: Path, ready_url: str) -> set[str]:
     """Run ``kizo <args>`` with every Python process of its tree recording its modules; stop it
-    (SIGTERM) once ``ready_url`` answers, or without one once it has run a while."""
+    (SIGTERM) once ``ready_url`` answers: the process is then serving, its code all loaded."""
     records = tmp / args[0]
     records.mkdir()
     command = [sys.executable, "-m", "kizo.cli", *args]
     proc = subprocess.Popen(command, env=recording_env(records, env), stdin=subprocess.DEVNULL)
     try:
-        if ready_url is not None:
-            wait_http(ready_url, timeout_s=START_TIMEOUT_S, proc=proc)
-        else:
-            time.sleep(WORKER_SETTLE_S)
-            assert proc.poll() is None, f"kizo {args[0]} exited with {proc.returncode}"
+        wait_http(ready_url, timeout_s=START_TIMEOUT_S, proc=proc)
     finally:
         stop_process(proc)
     return recorded_modules(records)
@@ -41,7 +33,7 @@ def _modules_of(
 def test_production_processes_never_import_the_chaos_harness(
     servers: ServerSet, sync_db_url: str, tmp_path: Path
 ) -> None:
-    api_port, janitor_port = free_port(), free_port()
+    api_port, janitor_port, worker_port = free_port(), free_port(), free_port()
     env = kizo_env(servers, sync_db_url, KIZO_API_PORT=str(api_port),
                    KIZO_JANITOR_METRICS_PORT=str(janitor_port))  # fmt: skip
     runs = {
@@ -49,7 +41,8 @@ def test_production_processes_never_import_the_chaos_harness(
                 "api.app"),
         "janitor": (_modules_of(["janitor"], env, tmp_path, f"http://127.0.0.1:{janitor_port}/metrics"),
                     "actors.janitor_main"),
-        "worker": (_modules_of(["worker"], env, tmp_path), "actors.worker"),
+        "worker": (_modules_of(["worker", "--metrics-port", str(worker_port)], env, tmp_path,
+                               f"http://127.0.0.1:{worker_port}/metrics"), "actors.worker"),
     }  # fmt: skip
     for role, (modules, own) in runs.items():
         # The record must show the process's own code, or an empty record would pass.
