@@ -143,8 +143,10 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
             async with httpx.AsyncClient(timeout=10) as http:
                 await timeline.rollback(http, scenario.rollbacks)
     ran_s = time.monotonic() - started
+    converging = time.monotonic()
     state = await workload.converge_and_read(system.api_url, system.database_url, members,
                                              params, system.bank_url)  # fmt: skip
+    converge_s = time.monotonic() - converging  # the final reads included
     if scenario is not None and "before" in hypothesis:  # after healing and convergence
         hypothesis["after"] = await prober.run(scenario.hypothesis.probes)
         hypothesis["failed"] += [f"deviates after the run: {d}"
@@ -161,6 +163,7 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
             sorted(Counter(f"{op.f} {op.status}" for op in history).items())
         ),
         "transactions": len(state.transactions),
+        "converge_s": round(converge_s, 1),
         "bank_faults_injected": {
             m.group(1): int(float(m.group(2))) for m in _BANK_FAULT.finditer(bank_metrics)
         },
