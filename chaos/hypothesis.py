@@ -215,7 +215,8 @@ async def _sql_value(database_url: str, probe: Probe) -> int:
 
 
 def lines(report: Mapping[str, Any]) -> list[str]:
-    """The readable summary's lines for a run's hypothesis (``report["hypothesis"]``)."""
+    """The readable summary's lines for a run's hypothesis (``report["hypothesis"]``), its
+    rollbacks and its convergence."""
     hyp = report.get("hypothesis")
     if not hyp:
         return []
@@ -224,8 +225,13 @@ def lines(report: Mapping[str, Any]) -> list[str]:
     for before in hyp["before"]:
         later = after.get(before["name"])
         shown = f"before {_shown(before)}" + (f", after {_shown(later)}" if later else "")
-        out.append(f"    {before['name']:<36} {before['tolerance']:<14} {shown}")
+        out.append(f"    {before['name']:<46} {before['tolerance']:<14} {shown}")
     out += [f"    {r}" for r in hyp.get("failed", [])]
+    if report.get("rollbacks"):
+        done = ", ".join(f"{r['step']} -> {r['status']}" for r in report["rollbacks"])
+        out.append(f"  rollbacks         {done}, then heal")
+    if report.get("converge_s") is not None:
+        out.append(f"  converged in      {report['converge_s']} s")
     return out
 
 

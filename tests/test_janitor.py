@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
+from actors.bank_client import BankClient
 from actors.janitor import JanitorDeps, flagged_intents, rearm_flagged, run_pass
 from actors.janitor_main import open_deps
 from actors.routing import QueueSet, queue_name, shard_for
@@ -285,3 +286,19 @@ async def test_rearms_stop_at_their_bound_and_an_operator_rearm_starts_the_count
     assert await deps.pool.fetchval("SELECT rearms FROM transactions WHERE id = $1", deposit) == 0
     count, rows = await flagged_intents(deps.pool, 10)
     assert (count, rows) == (0, [])
+
+
+@pytest.mark.asyncio
+async def test_a_bank_that_cannot_be_connected_to_leaves_a_payment_unsent() -> None:
+    """Refused at connect: the request never left, so the deposit may stay pending for the
+    re-drive (not processing, an unknown outcome), and the health check says no."""
+    from actors._actor import _after_bank
+
+    bank = BankClient(f"http://127.0.0.1:{free_port()}", timeout_s=1, retries_max=1)
+    try:
+        result = await bank.collect(uuid.uuid4(), uuid.uuid4(), 5, "USD")
+        assert result.outcome == "unsent"
+        assert not await bank.healthy()
+    finally:
+        await bank.aclose()
+    assert _after_bank({"id": uuid.uuid4(), "kind": "deposit"}, result) is None  # type: ignore[arg-type]
