@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from chaos import scenario as scenarios
 from chaos.cli import failed, run
-from chaos.hypothesis import DEFAULT
+from chaos.hypothesis import DEFAULT, Probe, Prober
 
 SHIPPED = {
     "api-crash", "bank-down", "bank-flaky", "combined-storm", "db-latency", "hot-account",
@@ -232,3 +233,46 @@ def test_valkey_restarted_without_its_data_comes_back_empty(tmp_path: Path) -> N
         assert client.get("queued") is None and valkey.running
     finally:
         valkey.stop()
+
+
+class _FixedProber(Prober):
+    async def value(self, probe: Probe) -> int:
+        return 0
+
+
+def test_a_method_probe_out_of_tolerance_fails_the_run(tmp_path: Path) -> None:
+    """A fault that did not do what it was meant to do tested nothing."""
+    path = tmp_path / "probed.toml"
+    path.write_text(
+        'title = "t"\n[[method]]\naction = "probe"\nprobe = { name = "flagged",'
+        ' provider = "needs_attention", tolerance = [1, 10] }\n'
+    )
+    steps = scenarios.load(str(path), seed=1).method
+    timeline = scenarios.Timeline("", "", 1, None, _FixedProber("", "", ""))
+
+    async def go() -> None:
+        await timeline.run(steps, trio.current_time())
+
+    trio.run(go)
+    assert timeline.failures(steps) == [
+        "failed: probe flagged: needs_attention = 0, expected in [1, 10]"
+    ]
+
+
+def test_a_system_not_in_steady_state_runs_no_method_and_fails(tmp_path: Path) -> None:
+    path = tmp_path / "unsteady.toml"
+    path.write_text(
+        'title = "t"\n[workload]\nusers = 2\nprocesses = 1\nops = 5\n'
+        '[steady-state-hypothesis]\ntitle = "h"\n[[steady-state-hypothesis.probes]]\n'
+        'name = "five flagged"\nprovider = "needs_attention"\ntolerance = 5\n'
+        '[[method]]\nat_s = 0.1\naction = "disable"\nproxy = "redis"\n'
+    )
+    scenario = scenarios.load(str(path), seed=1)
+    report = run(scenario.workload, scenario, seed=1)
+    assert report["timeline"] == [] and report["violations"] == 0, report["violations_shown"]
+    assert report["hypothesis"]["failed"] == [
+        "not in steady state before the method (it did not run): five flagged:"
+        " needs_attention = 0, expected == 5",
+        "deviates after the run: five flagged: needs_attention = 0, expected == 5",
+    ]
+    assert failed(report)
