@@ -130,8 +130,8 @@ async def flagged_intents(pool: asyncpg.Pool, limit: int) -> tuple[int, list[asy
 
 
 async def rearm(deps: JanitorDeps, summary: PassSummary) -> None:
-    """"The bank answers again" is its health check answering 200 through the janitor's own
-    way to it: then what the bank's absence flagged can settle without an operator."""
+    """When the bank answers again (its health check gives 200 through the janitor's own way to
+    it), what the bank's absence flagged can settle without an operator."""
     if not deps.config.rearm_max or not await _flagged_bank_intents(deps.pool):
         return
     if not await deps.bank.healthy():
