@@ -203,7 +203,8 @@ async def _sql_value(database_url: str, probe: Probe) -> int:
 
     conn = await asyncpg.connect(database_url, timeout=PROBE_TIMEOUT_S)
     try:
-        async with conn.transaction(readonly=True):
+        # One snapshot for every check: settlement goes on while the system is probed.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
             if probe.provider == "ledger_audit":
                 return len(await audit(conn))
             args = (
