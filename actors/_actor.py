@@ -177,4 +177,6 @@ def _after_bank(row: asyncpg.Record, result: BankResult) -> Op | None:
         return Op(row["id"], Action.CREDIT if deposit else Action.POST)
     if result.outcome == "failed":
         return Op(row["id"], Action.FAIL if deposit else Action.RELEASE, result.failure_reason)
+    if result.outcome == "unsent":  # never reached the bank: a deposit stays pending
+        return None
     return Op(row["id"], Action.MARK_PROCESSING) if deposit else None

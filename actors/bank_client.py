@@ -5,7 +5,10 @@ money twice. Each outcome is one of three, and the difference is the whole point
 
 - ``succeeded`` / ``failed``: the bank gave a definite, final answer;
 - ``unknown``: a timeout, a dropped connection, a 5xx after the request may have been processed.
-  The transaction stays ``processing`` and the janitor asks ``GET /payments/{key}`` later.
+  The transaction stays ``processing`` and the janitor asks ``GET /payments/{key}`` later;
+- ``unsent``: the bank could not even be connected to (refused, or no connection within the
+  timeout), so the request certainly never reached it: a deposit stays ``pending`` and the
+  janitor re-drives it, as any intent the pipeline could not finish yet.
 
 A 503 is the bank's definite "not processed" and is retried here (bounded); a 4xx other than the
 idempotency conflict is a bug on our side, surfaced as ``BankRejected``.
@@ -20,7 +23,7 @@ from typing import Any, Literal
 
 import httpx
 
-Outcome = Literal["succeeded", "failed", "unknown"]
+Outcome = Literal["succeeded", "failed", "unknown", "unsent"]
 STATEMENT_PAGE_MAX = 1000
 
 
@@ -114,6 +117,9 @@ class BankClient:
                 headers = {"Idempotency-Key": str(uuid.uuid4())}
             try:
                 response = await self._http.post(path, json=body, headers=headers)
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                # No connection, so no request: nothing can have moved (a retry is harmless).
+                return BankResult("unsent")
             except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError):
                 # The request may have been processed: only the bank's record can tell.
                 return BankResult(self._lost)
@@ -123,6 +129,13 @@ class BankClient:
             result = _result(response)
             return BankResult(self._lost) if result.outcome == "unknown" else result
         return BankResult(self._lost)
+
+    async def healthy(self) -> bool:
+        """The bank answers its health check (200) within the client's timeout."""
+        try:
+            return (await self._http.get("/health")).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     async def get_payment(self, key: uuid.UUID) -> BankPayment | None:
         """The bank's record for ``key``; None when the bank never processed it."""

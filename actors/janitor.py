@@ -1,6 +1,10 @@
 """The janitor: makes sure nothing is stuck, lost or paid twice, and says so when it is.
 
 One pass (``run_pass``), every step bounded:
+0. re-arm: when the bank answers its health check, deposits and withdrawals flagged
+   ``needs_attention`` get a fresh attempt budget (at most ``rearm_max`` times each, a batch per
+   pass), since what stopped them was most likely the bank; transfers never need the bank and
+   stay flagged for an operator (``rearm_flagged`` with ``kinds``, the admin API's route);
 1. re-drive: pending intents older than a threshold go back to their shard's queue (this is also
    the outbox relay for intents whose enqueue failed); attempts are counted with exponential
    backoff and, past the limit, the intent is flagged ``needs_attention`` — never dropped;
@@ -47,6 +51,7 @@ class Finding:
 
 @dataclass
 class PassSummary:
+    rearmed: int = 0
     redriven: int = 0
     flagged: int = 0
     needs_attention: int = 0
@@ -60,7 +65,8 @@ class PassSummary:
 
     def line(self) -> str:
         return (
-            f"janitor pass: redriven={self.redriven} flagged={self.flagged}"
+            f"janitor pass: rearmed={self.rearmed} redriven={self.redriven}"
+            f" flagged={self.flagged}"
             f" needs_attention={self.needs_attention} resolved={self.resolved}"
             f" unresolved={self.unresolved} findings={len(self.findings)}"
             f" expired_keys={self.expired_keys} redis_ok={self.redis_ok}"
@@ -74,6 +80,79 @@ class JanitorDeps:
     queues: QueueSet
     bank: BankClient
     config: PipelineConfig
+
+
+BANK_KINDS = ("deposit", "withdrawal")
+# A fresh budget: attempts from zero and due at once (the re-drive's age threshold still counts
+# from created_at, so a re-armed intent is re-driven in the same pass). ``rearms`` counts only
+# the janitor's own re-arms ($4): an operator's re-arm starts the count again.
+_REARM = """
+WITH flagged AS (
+    SELECT id FROM transactions
+    WHERE needs_attention AND status = 'pending' AND kind = ANY($1::text[])
+      AND ($4 OR rearms < $3)
+    ORDER BY created_at LIMIT $2
+    FOR NO KEY UPDATE SKIP LOCKED
+)
+UPDATE transactions t SET
+    needs_attention = false, attempts = 0, next_attempt_at = NULL,
+    rearms = CASE WHEN $4 THEN 0 ELSE t.rearms + 1 END
+FROM flagged WHERE t.id = flagged.id
+RETURNING t.id
+"""
+
+
+async def rearm_flagged(
+    pool: asyncpg.Pool,
+    kinds: Sequence[str],
+    limit: int,
+    *,
+    rearms_max: int = 0,
+    by_operator: bool = False,
+) -> list[uuid.UUID]:
+    """Give pending intents flagged ``needs_attention`` a fresh re-drive budget; their ids."""
+    assert limit > 0 and set(kinds) <= {"deposit", "withdrawal", "transfer"}
+    rows = await pool.fetch(_REARM, list(kinds), limit, rearms_max, by_operator)
+    return [r["id"] for r in rows]
+
+
+async def flagged_intents(pool: asyncpg.Pool, limit: int) -> tuple[int, list[asyncpg.Record]]:
+    """How many pending intents are flagged ``needs_attention``, and the oldest ``limit``."""
+    count = await pool.fetchval(
+        "SELECT count(*) FROM transactions WHERE needs_attention AND status = 'pending'"
+    )
+    rows = await pool.fetch(
+        "SELECT id, kind, amount_minor, currency, attempts, rearms, created_at FROM transactions"
+        " WHERE needs_attention AND status = 'pending' ORDER BY created_at LIMIT $1",
+        limit,
+    )
+    return int(count), list(rows)
+
+
+async def rearm(deps: JanitorDeps, summary: PassSummary) -> None:
+    """When the bank answers again (its health check gives 200 through the janitor's own way to
+    it), what the bank's absence flagged can settle without an operator."""
+    if not deps.config.rearm_max or not await _flagged_bank_intents(deps.pool):
+        return
+    if not await deps.bank.healthy():
+        summary.bank_ok = False
+        return
+    ids = await rearm_flagged(
+        deps.pool, BANK_KINDS, deps.config.janitor_batch_max, rearms_max=deps.config.rearm_max
+    )
+    summary.rearmed = len(ids)
+    if ids:
+        log.info("needs_attention_rearmed", count=len(ids), first=str(ids[0]))
+
+
+async def _flagged_bank_intents(pool: asyncpg.Pool) -> bool:
+    return bool(
+        await pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM transactions WHERE needs_attention"
+            " AND status = 'pending' AND kind = ANY($1::text[]))",
+            list(BANK_KINDS),
+        )
+    )
 
 
 _REDRIVE = """
@@ -180,7 +259,7 @@ async def resolve_processing(deps: JanitorDeps, summary: PassSummary) -> None:
     for row, answer in zip(rows, answers, strict=True):
         if isinstance(answer, Finding):
             summary.findings.append(answer)
-        elif answer is not None and answer.outcome != "unknown":
+        elif answer is not None and answer.outcome in ("succeeded", "failed"):
             deposit = row["kind"] == "deposit"
             if answer.outcome == "succeeded":
                 ops.append(Op(row["id"], Action.CREDIT if deposit else Action.POST))
@@ -295,6 +374,7 @@ async def expire_keys(deps: JanitorDeps) -> int:
 async def run_pass(deps: JanitorDeps) -> PassSummary:
     started = time.perf_counter()
     summary = PassSummary()
+    await rearm(deps, summary)
     await redrive(deps, summary)
     await resolve_processing(deps, summary)
     audit_findings = [

@@ -24,6 +24,9 @@ JANITOR_STATEMENT_TIMEOUT_S = 60
 
 FINDINGS = Gauge("kizo_janitor_findings", "Open findings of the last pass", ["kind"])
 NEEDS_ATTENTION = Gauge("kizo_needs_attention", "Pending intents past their re-drive limit")
+REARMED = Counter(
+    "kizo_janitor_rearmed_total", "Flagged intents given a fresh re-drive budget by the janitor"
+)
 REDRIVEN = Counter("kizo_janitor_redriven_total", "Intents re-enqueued")
 RESOLVED = Counter("kizo_janitor_resolved_total", "Unknown bank outcomes resolved")
 PASSES = Counter("kizo_janitor_passes_total", "Janitor passes", ["result"])
@@ -34,6 +37,7 @@ def _publish(summary: PassSummary) -> None:
     for finding in summary.findings:
         FINDINGS.labels(finding.kind).inc()
     NEEDS_ATTENTION.set(summary.needs_attention)
+    REARMED.inc(summary.rearmed)
     REDRIVEN.inc(summary.redriven)
     RESOLVED.inc(summary.resolved)
     PASSES.labels("clean" if not summary.findings else "findings").inc()

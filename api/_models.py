@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -43,3 +43,12 @@ class Amount(_Body):
 class TransferBody(Amount):
     to: Text = Field(min_length=1, max_length=254)
     note: Text | None = Field(default=None, max_length=280)
+
+
+class RearmBody(_Body):
+    """An operator's re-arm of intents flagged needs_attention: which kinds, how many at most."""
+
+    kinds: list[Literal["deposit", "withdrawal", "transfer"]] = Field(
+        default=["deposit", "withdrawal", "transfer"], min_length=1, max_length=3
+    )
+    limit: StrictInt = Field(default=100, ge=1, le=1000)

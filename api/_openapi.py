@@ -113,6 +113,26 @@ class FindingsOut(BaseModel):
     items: list[FindingOut]
 
 
+class FlaggedOut(BaseModel):
+    id: str
+    kind: Literal["deposit", "withdrawal", "transfer"]
+    amount: int
+    currency: str
+    attempts: int
+    rearms: int
+    created_at: str
+
+
+class NeedsAttentionOut(BaseModel):
+    count: int
+    items: list[FlaggedOut]
+
+
+class RearmedOut(BaseModel):
+    rearmed: int
+    ids: list[str]
+
+
 class HealthOut(BaseModel):
     status: Literal["ok"]
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from actors import flagged_intents, rearm_flagged
 from api._problems import Problem
 from engine import (
     BANK_SETTLEMENT,
@@ -346,6 +347,19 @@ async def findings(pool: asyncpg.Pool, limit: int = 500) -> list[dict[str, Any]]
     )
     return [{"id": r["id"], "kind": r["kind"], "subject": r["subject"], "detail": r["detail"],
              "found_at": _rfc3339(r["found_at"])} for r in rows]  # fmt: skip
+
+
+async def needs_attention(pool: asyncpg.Pool, limit: int = 200) -> dict[str, Any]:
+    count, rows = await flagged_intents(pool, limit)
+    items = [{"id": str(r["id"]), "kind": r["kind"], "amount": r["amount_minor"],
+              "currency": r["currency"], "attempts": r["attempts"], "rearms": r["rearms"],
+              "created_at": _rfc3339(r["created_at"])} for r in rows]  # fmt: skip
+    return {"count": count, "items": items}
+
+
+async def rearm(pool: asyncpg.Pool, kinds: list[str], limit: int) -> dict[str, Any]:
+    ids = await rearm_flagged(pool, sorted(set(kinds)), limit, by_operator=True)
+    return {"rearmed": len(ids), "ids": [str(i) for i in ids]}
 
 
 async def make_admin(pool: asyncpg.Pool, email: str, name: str, password_hash: str,

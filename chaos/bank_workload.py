@@ -294,11 +294,16 @@ class WorkloadError(Exception):
 
 
 async def run(
-    api_url: str, p: WorkloadParams, during: Callable[[], Awaitable[None]] | None = None
+    api_url: str,
+    p: WorkloadParams,
+    during: Callable[[], Awaitable[None]] | None = None,
+    steady: Callable[[], Awaitable[bool]] | None = None,
 ) -> tuple[list[Op], list[Member]]:
     """Sign the users up, fund them, then run the processes; returns the history. ``during``
     (a fault timeline) runs alongside the processes only: they keep going until it has run
-    to its end (within ``seconds_max``), and it is cancelled if they end first."""
+    to its end (within ``seconds_max``), and it is cancelled if they end first. ``steady`` (a
+    steady-state hypothesis) is asked once the users are funded: False, and neither the
+    processes nor ``during`` run."""
     rec = Recorder()
     limits = httpx.Limits(max_connections=p.processes * BURST + 8)
     async with httpx.AsyncClient(
@@ -318,6 +323,8 @@ async def run(
                     {"amount": p.initial_deposit},
                 ),
             )
+        if steady is not None and not await steady():
+            return sorted(rec.ops, key=lambda op: op.index), members
         deadline = time.monotonic() + p.seconds_max
         faults_done = trio.Event()
 

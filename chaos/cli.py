@@ -8,7 +8,9 @@
 
 Exit code 0 when the checker finds nothing, 1 when it finds violations (they are printed) or
 a scenario step could not run when planned (skipped, late by more than
-``chaos.scenario.STEP_LATE_S_MAX``, or refused), 2 on bad usage.
+``chaos.scenario.STEP_LATE_S_MAX``, or refused, a method probe out of tolerance included), or
+its steady-state hypothesis deviates (before the method: the method does not run; after
+convergence: the run fails), 2 on bad usage.
 ``--mutation`` runs a deliberately broken build, to see the checker fail.
 """
 
@@ -82,8 +84,10 @@ def _chaos(_config: Config, args: argparse.Namespace) -> int:
 
 
 def failed(report: dict[str, Any]) -> bool:
-    """The run does not pass: violations, or a fault step that did not run as planned."""
-    return bool(report["violations"] or report["steps_failed"])
+    """The run does not pass: violations, a fault step that did not run as planned, or the
+    steady-state hypothesis deviating before or after."""
+    hypothesis = report.get("hypothesis") or {}
+    return bool(report["violations"] or report["steps_failed"] or hypothesis.get("failed"))
 
 
 def run(params: WorkloadParams, scenario: Scenario | None, seed: int,
@@ -96,6 +100,8 @@ def run(params: WorkloadParams, scenario: Scenario | None, seed: int,
     overrides = dict(CHAOS_OVERRIDES)
     if mutation:
         overrides["KIZO_MUTATION"] = mutation
+    if scenario is not None:
+        overrides.update(scenario.configuration)
     with scratch_system(overrides, behind_proxy=scenario is not None) as system:
         report = trio.run(_execute, system, params, scenario, seed)
     return {"seed": seed, "mutation": mutation or None, **report}
@@ -108,24 +114,43 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
 
     from chaos import bank_workload as workload
     from chaos.checker import check
+    from chaos.hypothesis import Prober, deviations
     from chaos.scenario import Timeline
 
-    timeline = Timeline(system.proxy_url, system.bank_url, seed, system.control)
+    prober = Prober(system.api_url, system.bank_url, system.database_url)
+    timeline = Timeline(system.proxy_url, system.bank_url, seed, system.control, prober)
+    hypothesis: dict[str, Any] = {}
 
     async def faults() -> None:
         if scenario is not None:
             await timeline.run(scenario.method, trio.current_time())
 
+    async def steady() -> bool:  # before the method, once the users exist
+        assert scenario is not None
+        hypothesis.update(title=scenario.hypothesis.title,
+                          before=await prober.run(scenario.hypothesis.probes))  # fmt: skip
+        failed = deviations(hypothesis["before"])
+        hypothesis["failed"] = [f"not in steady state before the method (it did not run): {d}"
+                                for d in failed]  # fmt: skip
+        return not failed
+
     started = time.monotonic()
     try:
-        history, members = await workload.run(system.api_url, params, faults)
+        history, members = await workload.run(system.api_url, params, faults,
+                                              None if scenario is None else steady)  # fmt: skip
     finally:
-        if scenario is not None:  # the rollback, whatever happened
+        if scenario is not None:  # the rollbacks, then heal, whatever happened
             async with httpx.AsyncClient(timeout=10) as http:
-                await timeline.heal(http)
+                await timeline.rollback(http, scenario.rollbacks)
     ran_s = time.monotonic() - started
+    converging = time.monotonic()
     state = await workload.converge_and_read(system.api_url, system.database_url, members,
                                              params, system.bank_url)  # fmt: skip
+    converge_s = time.monotonic() - converging  # the final reads included
+    if scenario is not None and "before" in hypothesis:  # after healing and convergence
+        hypothesis["after"] = await prober.run(scenario.hypothesis.probes)
+        hypothesis["failed"] += [f"deviates after the run: {d}"
+                                 for d in deviations(hypothesis["after"])]  # fmt: skip
     async with httpx.AsyncClient(timeout=10) as http:
         bank_metrics = (await http.get(f"{system.bank_url}/metrics")).text
     tolerated = scenario.tolerated if scenario is not None else frozenset()
@@ -138,10 +163,13 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
             sorted(Counter(f"{op.f} {op.status}" for op in history).items())
         ),
         "transactions": len(state.transactions),
+        "converge_s": round(converge_s, 1),
         "bank_faults_injected": {
             m.group(1): int(float(m.group(2))) for m in _BANK_FAULT.finditer(bank_metrics)
         },
+        "hypothesis": hypothesis or None,
         "timeline": timeline.applied,
+        "rollbacks": timeline.rolled_back,
         # Steps the workload ended before (the rollback healed them anyway): a scenario whose
         # faults did not happen tested nothing, so the report says so.
         "steps_skipped": []
@@ -156,6 +184,8 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
 
 
 def text(report: dict[str, Any]) -> str:
+    from chaos.hypothesis import lines as hypothesis_lines
+
     what = f"scenario {report['scenario']}" if report["scenario"] else "bank workload"
     lines = [
         f"kizo chaos: {what} (seed {report['seed']}"
@@ -172,6 +202,7 @@ def text(report: dict[str, Any]) -> str:
         lines.append("  faults            planned -> actual")
         lines += [f"    {s['at_s']:>6} s -> {s['actual_s']:>6} s  {s['step']} -> {s['status']}"
                   for s in report["timeline"]]  # fmt: skip
+    lines += hypothesis_lines(report)
     if report["steps_failed"]:
         lines.append(f"  steps failed      {len(report['steps_failed'])} (the run fails)")
     lines += [f"    {s}" for s in report["steps_failed"]]

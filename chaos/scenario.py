@@ -1,7 +1,9 @@
 """Chaos scenarios: the bank workload against a system whose PostgreSQL, Redis and bank sit
 behind the fault proxy, with faults on a timeline, then healing, convergence and the checker.
 
-A scenario is a TOML file (chaos/scenarios/*.toml):
+A scenario is a TOML file (chaos/scenarios/*.toml), shaped as a Chaos Toolkit experiment where the
+two overlap (title, description, steady-state-hypothesis, method, rollbacks, configuration);
+docs/chaos.md "Writing a scenario" explains every key with one annotated file:
 
     title = "..."
     description = "..."
@@ -13,10 +15,20 @@ A scenario is a TOML file (chaos/scenarios/*.toml):
     ops = 80
     hot_share = 0.5            # the share of transfers sent to one account (default 0)
 
+    [configuration]            # optional: the system's settings for this run (CONFIGURATION)
+    redrive_attempts_max = 3
+
+    [steady-state-hypothesis]  # optional (chaos.hypothesis.DEFAULT when absent)
+    title = "..."
+    [[steady-state-hypothesis.probes]]
+    name = "the ledger's audit is clean"
+    provider = "ledger_audit"  # chaos.hypothesis.PROVIDERS
+    tolerance = 0              # an exact value (a status code for HTTP probes) or [min, max]
+
     [[method]]                 # in time order
     at_s = 1.0
     action = "toxic"           # toxic | remove_toxic | disable | enable | bank_faults | heal
-                               # | kill | restart | pause | resume
+                               # | kill | restart | pause | resume | probe
     proxy = "postgres"         # postgres | redis | bank | bank_janitor (the janitor's own way
                                # to the bank): toxic, remove_toxic, disable, enable
     process = "worker-0"       # kill (SIGKILL, with its own children), restart, pause (SIGSTOP),
@@ -25,10 +37,16 @@ A scenario is a TOML file (chaos/scenarios/*.toml):
     lose_data = true           # restart of valkey only: it comes back empty
     toxic = { type = "latency", stream = "downstream", attributes = { latency = 30 } }
 
+    [[rollbacks]]              # optional: steps run in order once the method has ended
+    action = "enable"          # (no at_s); heal always runs after them
+    proxy = "bank"
+
 ``bank_faults`` takes ``faults = { error_rate = 0.1, drop_rate = 0.2, latency_ms = 20 }``;
-``remove_toxic`` takes ``name``; ``heal`` starts killed processes again, resets the proxy and
-clears the bank's faults (the rollback, which also always runs when the workload ends). The
-seed (``--seed``) drives the workload and the bank's fault dice.
+``remove_toxic`` takes ``name``; ``probe`` takes ``probe = { name, provider, tolerance,
+arguments }`` and fails the run when the value is out of tolerance (a fault that did not do what
+it was meant to do tested nothing); ``heal`` starts killed processes again, resets the proxy and
+clears the bank's faults (the default rollback, and it always runs last when the workload ends,
+so nothing is left broken). The seed (``--seed``) drives the workload and the bank's fault dice.
 
 Strict: the workload keeps its load on until the timeline has run (within ``seconds_max``), and
 a step that could not run when planned fails the run: skipped (the workload's deadline came
@@ -50,10 +68,19 @@ import httpx
 import trio
 
 from chaos.bank_workload import WorkloadParams
+from chaos.hypothesis import (
+    DEFAULT,
+    Hypothesis,
+    HypothesisError,
+    Probe,
+    Prober,
+    parse_hypothesis,
+    parse_probe,
+)
 
 SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"
 ACTIONS = ("toxic", "remove_toxic", "disable", "enable", "bank_faults", "heal", "kill", "restart",
-           "pause", "resume")  # fmt: skip
+           "pause", "resume", "probe")  # fmt: skip
 PROCESS_ACTIONS = ("kill", "restart", "pause", "resume")
 PROCESS = re.compile(r"worker-[0-9]+|api|janitor|bank|postgres|valkey")
 SERVERS = frozenset({"postgres", "valkey"})  # embedded servers: kill and restart only
@@ -66,6 +93,18 @@ STEP_LATE_S_MAX = 3.0
 WORKLOAD_KEYS = {"users": "users", "processes": "processes", "ops": "ops_per_process",
                  "seconds_max": "seconds_max", "converge_s_max": "converge_s_max",
                  "hot_share": "hot_share"}  # fmt: skip
+# [configuration]: the system settings a scenario may choose for its run -> (variable, integer,
+# maximum); the rest of chaos.cli.CHAOS_OVERRIDES stays.
+CONFIGURATION = {
+    "janitor_interval_s": ("KIZO_JANITOR_INTERVAL_S", False, 60),
+    "redrive_after_s": ("KIZO_REDRIVE_AFTER_S", False, 600),
+    "redrive_attempts_max": ("KIZO_REDRIVE_ATTEMPTS_MAX", True, 1000),
+    "redrive_backoff_base_s": ("KIZO_REDRIVE_BACKOFF_BASE_S", False, 600),
+    "redrive_backoff_max_s": ("KIZO_REDRIVE_BACKOFF_MAX_S", False, 3600),
+    "rearm_max": ("KIZO_REARM_MAX", True, 1000),
+}
+TOP_KEYS = frozenset({"title", "description", "tolerated", "workload", "configuration",
+                      "steady-state-hypothesis", "method", "rollbacks"})  # fmt: skip
 
 
 class ScenarioError(Exception):
@@ -80,6 +119,9 @@ class Step:
     body: Mapping[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
+        if self.action == "probe":
+            probe: Probe = self.body["probe"]
+            return f"probe {probe.name} ({probe.provider} {probe.describe_tolerance()})"
         target = f" {self.target}" if self.target else ""
         detail = f" {dict(self.body)}" if self.body else ""
         return f"{self.action}{target}{detail}"
@@ -93,6 +135,9 @@ class Scenario:
     workload: WorkloadParams
     method: tuple[Step, ...]
     tolerated: frozenset[int]
+    hypothesis: Hypothesis = DEFAULT
+    rollbacks: tuple[Step, ...] = ()
+    configuration: Mapping[str, str] = field(default_factory=dict)  # environment overrides
 
 
 def find(name_or_path: str) -> Path:
@@ -116,19 +161,51 @@ def load(name_or_path: str, seed: int) -> Scenario:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ScenarioError(f"{path.name}: {exc}") from None
     where = path.name
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise ScenarioError(
+            f"{where}: unknown key {unknown[0]!r} (keys: {', '.join(sorted(TOP_KEYS))})"
+        )
     title = _text(data, "title", where)
     tolerated = data.get("tolerated", [])
     if not isinstance(tolerated, list) or not set(tolerated) <= TOLERABLE:
         raise ScenarioError(f"{where}: tolerated may list only {sorted(TOLERABLE)}")
-    steps = data.get("method", [])
-    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
-        raise ScenarioError(f"{where}: method must be an array of tables ([[method]])")
-    method = tuple(_step(s, f"{where} method[{i}]") for i, s in enumerate(steps))
+    method = _steps(data.get("method", []), f"{where} method", "method")
     if any(a.at_s > b.at_s for a, b in itertools.pairwise(method)):
         raise ScenarioError(f"{where}: method steps must be in time order")
+    rollbacks = _steps(data.get("rollbacks", []), f"{where} rollbacks", "rollbacks")
+    if any("at_s" in raw for raw in data.get("rollbacks", [])):
+        raise ScenarioError(f"{where}: rollbacks run in order once the method ends: no at_s")
+    try:
+        hypothesis = parse_hypothesis(data.get("steady-state-hypothesis"), where)
+    except HypothesisError as exc:
+        raise ScenarioError(str(exc)) from None
     return Scenario(path.stem, title, str(data.get("description", "")),
                     _workload(data.get("workload", {}), seed, where), method,
-                    frozenset(tolerated))  # fmt: skip
+                    frozenset(tolerated), hypothesis, rollbacks,
+                    _configuration(data.get("configuration", {}), where))  # fmt: skip
+
+
+def _steps(raw: object, where: str, key: str) -> tuple[Step, ...]:
+    if not isinstance(raw, list) or not all(isinstance(s, dict) for s in raw):
+        raise ScenarioError(f"{where}: {key} must be an array of tables ([[{key}]])")
+    return tuple(_step(s, f"{where}[{i}]") for i, s in enumerate(raw))
+
+
+def _configuration(raw: object, where: str) -> dict[str, str]:
+    if not isinstance(raw, dict) or not set(raw) <= set(CONFIGURATION):
+        raise ScenarioError(f"{where}: [configuration] takes only {', '.join(CONFIGURATION)}")
+    env = {}
+    for key, value in raw.items():
+        variable, integer, high = CONFIGURATION[key]
+        kind = int if integer else int | float
+        if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value <= high:
+            what = "a whole number" if integer else "a number"
+            raise ScenarioError(
+                f"{where}: configuration.{key} must be {what} above 0, at most {high}"
+            )
+        env[variable] = str(value)
+    return env
 
 
 def _text(data: Mapping[str, Any], key: str, where: str) -> str:
@@ -183,6 +260,15 @@ def _step(raw: Mapping[str, Any], where: str) -> Step:
         body = {"name": raw.get("name")}
     elif action == "bank_faults":
         body = raw.get("faults", {})
+    elif action == "probe":
+        if not isinstance(raw.get("probe"), dict):
+            raise ScenarioError(
+                f"{where}: probe needs its table: probe = {{ name, provider, tolerance }}"
+            )
+        try:
+            body = {"probe": parse_probe(raw["probe"], f"{where} probe")}
+        except HypothesisError as exc:
+            raise ScenarioError(str(exc)) from None
     unnamed = action == "remove_toxic" and not isinstance(body.get("name"), str)
     if not isinstance(body, dict) or unnamed:
         raise ScenarioError(f"{where}: {action} needs its table (toxic, faults) or name")
@@ -206,7 +292,9 @@ class Timeline:
     bank_url: str
     seed: int
     processes: Processes | None = None
+    prober: Prober | None = None
     applied: list[dict[str, Any]] = field(default_factory=list)
+    rolled_back: list[dict[str, Any]] = field(default_factory=list)
     down: set[str] = field(default_factory=set)  # killed and not restarted yet
     paused: set[str] = field(default_factory=set)  # stopped (SIGSTOP) and not resumed yet
 
@@ -239,7 +327,20 @@ class Timeline:
                 reasons.append(f"failed: {done['status'].removeprefix('error: ')}")
         reasons += [f"skipped (the workload ended first): {s.describe()}"
                     for s in steps[len(self.applied):]]  # fmt: skip
+        refused = [d["status"] for d in self.rolled_back if str(d["status"]).startswith("error")]
+        reasons += [f"rollback failed: {s.removeprefix('error: ')}" for s in refused]
         return reasons
+
+    async def rollback(self, http: httpx.AsyncClient, steps: Sequence[Step]) -> None:
+        """The scenario's rollbacks in order, whatever happened, then heal: nothing stays
+        broken even when a file's rollbacks forget something."""
+        for step in steps:
+            try:
+                status = await self._apply(http, step)
+            except (ScenarioError, httpx.HTTPError) as exc:
+                status = f"error: {exc}"
+            self.rolled_back.append({"step": step.describe(), "status": status})
+        await self.heal(http)
 
     async def _apply(self, http: httpx.AsyncClient, step: Step) -> int | str:
         proxies = f"{self.proxy_url}/proxies"
@@ -248,6 +349,8 @@ class Timeline:
                 return await self._control(step)
             except (KeyError, RuntimeError, OSError) as exc:
                 raise ScenarioError(f"{step.describe()}: {exc}") from None
+        if step.action == "probe":
+            return await self._probe(step.body["probe"])
         if step.action == "toxic":
             r = await http.post(f"{proxies}/{step.target}/toxics", json=dict(step.body))
         elif step.action == "remove_toxic":
@@ -263,6 +366,16 @@ class Timeline:
         if r.status_code >= 300:
             raise ScenarioError(f"{step.describe()}: {r.status_code} {r.text.strip()[:200]}")
         return r.status_code
+
+    async def _probe(self, probe: Probe) -> str:
+        if self.prober is None:
+            raise ScenarioError(f"probe {probe.name}: no system to probe in this run")
+        [result] = await self.prober.run([probe])
+        if not result["ok"]:
+            raise ScenarioError(f"probe {probe.name}: {probe.provider} = "
+                                f"{result.get('error', result['value'])}, expected "
+                                f"{probe.describe_tolerance()}")  # fmt: skip
+        return f"value {result['value']}"
 
     async def _control(self, step: Step) -> str:
         if self.processes is None:

@@ -121,6 +121,9 @@ class PipelineConfig:
     redrive_attempts_max: int = 10
     redrive_backoff_base_s: float = 2.0
     redrive_backoff_max_s: float = 300.0
+    # How often one deposit or withdrawal flagged needs_attention is re-armed automatically when
+    # the bank answers again (docs/pipeline.md); past it only an operator re-arms it.
+    rearm_max: int = 3
     # Longer than the bank client's worst case (timeout x attempts): a request still in flight
     # is never taken for a lost one.
     resolve_after_s: float = 30.0
@@ -344,6 +347,13 @@ class Config:
             janitor_interval_s=_float(env, "KIZO_JANITOR_INTERVAL_S", 5.0, low=0.05, high=3600),
             redrive_after_s=_float(env, "KIZO_REDRIVE_AFTER_S", 10.0, low=0.05, high=86_400),
             redrive_attempts_max=_int(env, "KIZO_REDRIVE_ATTEMPTS_MAX", 10, low=1, high=1000),
+            redrive_backoff_base_s=_float(
+                env, "KIZO_REDRIVE_BACKOFF_BASE_S", 2.0, low=0.05, high=3600
+            ),
+            redrive_backoff_max_s=_float(
+                env, "KIZO_REDRIVE_BACKOFF_MAX_S", 300.0, low=0.05, high=86_400
+            ),
+            rearm_max=_int(env, "KIZO_REARM_MAX", 3, low=0, high=1000),
             resolve_after_s=_float(env, "KIZO_RESOLVE_AFTER_S", 30.0, low=0.0, high=86_400),
             reconcile_grace_s=_float(env, "KIZO_RECONCILE_GRACE_S", 60.0, low=0.0, high=86_400),
             janitor_metrics_port=_int(env, "KIZO_JANITOR_METRICS_PORT", 8201, low=1, high=65535),

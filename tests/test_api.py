@@ -361,6 +361,85 @@ async def test_csv_export_dashboard_and_admin_only_reconciliation(
     assert (report.status_code, await report.get_json()) == (200, {"items": []})
 
 
+async def _admin(client: Client, servers: ServerSet, db_url: str) -> dict[str, Any]:
+    email = unique_email("admin")
+    created = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "kizo.cli", "admin", "create", email, "--password-stdin"],
+        input="admin password 1\n",
+        env=kizo_env(servers, db_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert created.returncode == 0, created.stderr
+    signin = await client.post(
+        "/api/v1/auth/signin", json={"email": email, "password": "admin password 1"}
+    )
+    tokens: dict[str, Any] = await signin.get_json()
+    return tokens
+
+
+@pytest.mark.asyncio
+async def test_admins_see_and_rearm_intents_flagged_needs_attention(
+    client: Client, servers: ServerSet, db_url: str
+) -> None:
+    tokens = await _signup(client)
+    ids = []
+    for n in range(3):
+        paid = await _pay(client, tokens, "deposit", {"amount": 20 + n}, f"na{n}")
+        ids.append((await paid.get_json())["id"])
+    conn = await asyncpg.connect(db_url)
+    try:  # as the janitor leaves them once the re-drive limit is spent
+        await conn.execute(
+            "UPDATE transactions SET needs_attention = true, attempts = 11, rearms = 3"
+            " WHERE id = ANY($1::uuid[])",
+            ids,
+        )
+    finally:
+        await conn.close()
+    route = "/api/v1/admin/needs-attention"
+    for answer in (
+        await client.get(route, headers=_auth(tokens)),
+        await client.post(f"{route}/redrive", json={}, headers=_auth(tokens)),
+    ):
+        assert answer.status_code == 403
+        assert answer.headers["Content-Type"] == "application/problem+json"
+    admin = await _admin(client, servers, db_url)
+    listed = await (await client.get(route, headers=_auth(admin))).get_json()
+    assert listed["count"] >= 3
+    mine = [item for item in listed["items"] if item["id"] in ids]
+    assert sorted(i["amount"] for i in mine) == [20, 21, 22]
+    assert {(i["kind"], i["attempts"], i["rearms"]) for i in mine} == {("deposit", 11, 3)}
+    for bad, status in (
+        ({"kinds": ["loan"]}, 422),
+        ({"kinds": []}, 422),
+        ({"limit": 0}, 422),
+        ({"limit": "5"}, 422),
+        ({"everything": True}, 422),
+        ("not json", 400),
+    ):
+        refused = await client.post(
+            f"{route}/redrive",
+            data=bad if isinstance(bad, str) else json.dumps(bad),
+            headers={**_auth(admin), "Content-Type": "application/json"},
+        )
+        assert refused.status_code == status, bad
+        assert refused.headers["Content-Type"] == "application/problem+json"
+    transfers_only = await client.post(
+        f"{route}/redrive", json={"kinds": ["transfer"]}, headers=_auth(admin)
+    )
+    assert not set((await transfers_only.get_json())["ids"]) & set(ids)
+    done = await client.post(
+        f"{route}/redrive", json={"kinds": ["deposit"], "limit": 1000}, headers=_auth(admin)
+    )
+    body = await done.get_json()
+    assert done.status_code == 200 and set(ids) <= set(body["ids"])
+    assert body["rearmed"] == len(body["ids"])
+    after = await (await client.get(route, headers=_auth(admin))).get_json()
+    assert not {item["id"] for item in after["items"]} & set(ids)
+
+
 @pytest.mark.asyncio
 async def test_nul_characters_are_refused_not_a_500(client: Client) -> None:
     """Found by schemathesis: PostgreSQL text cannot hold NUL."""

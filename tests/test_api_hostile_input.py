@@ -212,6 +212,8 @@ _ROUTES: list[tuple[str, str, object]] = [
     ("GET", "/api/v1/transactions/export.csv", None),
     ("GET", "/api/v1/dashboard", None),
     ("GET", "/api/v1/admin/reconciliation", None),
+    ("GET", "/api/v1/admin/needs-attention", None),
+    ("POST", "/api/v1/admin/needs-attention/redrive", {"kinds": ["deposit"]}),
     ("GET", "/health", None),
     ("GET", "/ready", None),
     ("GET", "/metrics", None),

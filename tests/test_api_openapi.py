@@ -16,7 +16,7 @@ from quart import Quart, Response
 from quart.typing import TestClientProtocol as Client
 
 from api import document
-from api._models import Amount, RefreshBody, Signin, Signup, TransferBody
+from api._models import Amount, RearmBody, RefreshBody, Signin, Signup, TransferBody
 from api._openapi import BalanceOut, DashboardOut, SignupOut, TransactionOut, TransactionPage
 from api.app import create_app
 from infra.config import Config, RateLimitConfig
@@ -32,6 +32,7 @@ BODIES: dict[tuple[str, str], type[BaseModel]] = {
     ("post", "/api/v1/payments/deposit"): Amount,
     ("post", "/api/v1/payments/withdraw"): Amount,
     ("post", "/api/v1/payments/transfer"): TransferBody,
+    ("post", "/api/v1/admin/needs-attention/redrive"): RearmBody,
 }
 
 

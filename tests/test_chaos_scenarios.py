@@ -8,14 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from chaos import scenario as scenarios
 from chaos.cli import failed, run
+from chaos.hypothesis import DEFAULT, Probe, Prober
 
 SHIPPED = {
-    "api-crash", "bank-flaky", "combined-storm", "db-latency", "hot-account", "janitor-down",
-    "janitor-partition", "pg-crash", "pg-reset", "redis-outage", "redis-slicer", "valkey-wipe",
-    "worker-crash", "zombie-worker",
+    "api-crash", "bank-down", "bank-flaky", "combined-storm", "db-latency", "hot-account",
+    "janitor-down", "janitor-partition", "pg-crash", "pg-reset", "redis-outage", "redis-slicer",
+    "valkey-wipe", "worker-crash", "zombie-worker",
 }  # fmt: skip
 
 
@@ -48,6 +50,32 @@ def test_every_shipped_scenario_loads() -> None:
         ('title = "t"\n[workload]\nthreads = 4', "[workload] takes only"),
         ('title = "t"\n[workload]\nseconds_max = 1000', "at most 300 s"),
         ("title = [", "bad.toml"),
+        ('title = "t"\nmethods = []', "unknown key 'methods'"),
+        ('title = "t"\n[steady-state-hypothesis]\ntitle = "h"\n'
+         '[[steady-state-hypothesis.probes]]\nname = "p"\nprovider = "cpu"\ntolerance = 0',
+         "unknown provider 'cpu' (one of api_ready,"),
+        ('title = "t"\n[steady-state-hypothesis]\ntitle = "h"\n'
+         '[[steady-state-hypothesis.probes]]\nname = "p"\nprovider = "ledger_audit"\n'
+         'tolerance = [3, 1]', "tolerance must be a count"),
+        ('title = "t"\n[steady-state-hypothesis]\ntitle = "h"\n'
+         '[[steady-state-hypothesis.probes]]\nname = "p"\nprovider = "needs_attention"\n'
+         'tolerance = "none"', "tolerance must be a count"),
+        ('title = "t"\n[steady-state-hypothesis]\ntitle = "h"\n'
+         '[[steady-state-hypothesis.probes]]\nname = "p"\nprovider = "api_ready"\n'
+         'tolerance = [200, 299]', "api_ready takes a status code"),
+        ('title = "t"\n[steady-state-hypothesis]\ntitle = "h"\n'
+         '[[steady-state-hypothesis.probes]]\nname = "p"\nprovider = "needs_attention"\n'
+         'tolerance = 0\narguments = { older_than_s = 5 }', "needs_attention takes no arguments"),
+        ('title = "t"\n[steady-state-hypothesis]\ntitle = "h"',
+         "needs [[steady-state-hypothesis.probes]]"),
+        ('title = "t"\n[[method]]\nat_s = 1\naction = "probe"', "probe needs its table"),
+        ('title = "t"\n[[method]]\naction = "probe"\n'
+         'probe = { name = "p", provider = "unsettled", tolerance = -1 }',
+         "tolerance must be a count"),
+        ('title = "t"\n[[rollbacks]]\nat_s = 1\naction = "heal"', "no at_s"),
+        ('title = "t"\n[[rollbacks]]\naction = "enable"\nproxy = "kafka"', "proxy must be one of"),
+        ('title = "t"\n[configuration]\nredrive_attempts_max = 2.5', "must be a whole number"),
+        ('title = "t"\n[configuration]\nshards = 2', "[configuration] takes only"),
     ],
 )  # fmt: skip
 def test_bad_scenarios_are_refused_with_one_line(tmp_path: Path, text: str, message: str) -> None:
@@ -56,6 +84,37 @@ def test_bad_scenarios_are_refused_with_one_line(tmp_path: Path, text: str, mess
     with pytest.raises(scenarios.ScenarioError, match=r"bad\.toml") as refused:
         scenarios.load(str(path), seed=1)
     assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_experiment_keys_load_and_a_file_without_a_hypothesis_gets_the_default(
+    tmp_path: Path,
+) -> None:
+    down = scenarios.load("bank-down", seed=1)
+    assert down.configuration["KIZO_REDRIVE_ATTEMPTS_MAX"] == "3"
+    assert [s.describe() for s in down.rollbacks] == ["enable bank", "enable bank_janitor"]
+    [probe] = [s.body["probe"] for s in down.method if s.action == "probe"]
+    assert (probe.provider, probe.tolerance) == ("needs_attention", (1, 1_000_000))
+    assert probe.within(1) and not probe.within(0)
+    bare = tmp_path / "bare.toml"
+    bare.write_text('title = "t"\n[[method]]\naction = "heal"\n')
+    loaded = scenarios.load(str(bare), seed=1)
+    assert loaded.hypothesis == DEFAULT and loaded.rollbacks == () and not loaded.configuration
+    assert {p.provider for p in DEFAULT.probes} == {
+        "api_ready", "bank_health", "ledger_audit", "needs_attention"
+    }  # fmt: skip
+
+
+def test_every_shipped_scenario_has_its_own_hypothesis() -> None:
+    for name in scenarios.names():
+        assert scenarios.load(name, seed=1).hypothesis != DEFAULT, name
+
+
+def test_kizo_chaos_list_shows_bank_down(capsys: pytest.CaptureFixture[str]) -> None:
+    from kizo.cli import main
+
+    assert main(["chaos", "list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "bank-down" in listed and listed == scenarios.names()
 
 
 def test_unknown_scenario_names_the_known_ones() -> None:
@@ -174,3 +233,46 @@ def test_valkey_restarted_without_its_data_comes_back_empty(tmp_path: Path) -> N
         assert client.get("queued") is None and valkey.running
     finally:
         valkey.stop()
+
+
+class _FixedProber(Prober):
+    async def value(self, probe: Probe) -> int:
+        return 0
+
+
+def test_a_method_probe_out_of_tolerance_fails_the_run(tmp_path: Path) -> None:
+    """A fault that did not do what it was meant to do tested nothing."""
+    path = tmp_path / "probed.toml"
+    path.write_text(
+        'title = "t"\n[[method]]\naction = "probe"\nprobe = { name = "flagged",'
+        ' provider = "needs_attention", tolerance = [1, 10] }\n'
+    )
+    steps = scenarios.load(str(path), seed=1).method
+    timeline = scenarios.Timeline("", "", 1, None, _FixedProber("", "", ""))
+
+    async def go() -> None:
+        await timeline.run(steps, trio.current_time())
+
+    trio.run(go)
+    assert timeline.failures(steps) == [
+        "failed: probe flagged: needs_attention = 0, expected in [1, 10]"
+    ]
+
+
+def test_a_system_not_in_steady_state_runs_no_method_and_fails(tmp_path: Path) -> None:
+    path = tmp_path / "unsteady.toml"
+    path.write_text(
+        'title = "t"\n[workload]\nusers = 2\nprocesses = 1\nops = 5\n'
+        '[steady-state-hypothesis]\ntitle = "h"\n[[steady-state-hypothesis.probes]]\n'
+        'name = "five flagged"\nprovider = "needs_attention"\ntolerance = 5\n'
+        '[[method]]\nat_s = 0.1\naction = "disable"\nproxy = "redis"\n'
+    )
+    scenario = scenarios.load(str(path), seed=1)
+    report = run(scenario.workload, scenario, seed=1)
+    assert report["timeline"] == [] and report["violations"] == 0, report["violations_shown"]
+    assert report["hypothesis"]["failed"] == [
+        "not in steady state before the method (it did not run): five flagged:"
+        " needs_attention = 0, expected == 5",
+        "deviates after the run: five flagged: needs_attention = 0, expected == 5",
+    ]
+    assert failed(report)

@@ -17,7 +17,8 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from actors.janitor import JanitorDeps, run_pass
+from actors.bank_client import BankClient
+from actors.janitor import JanitorDeps, flagged_intents, rearm_flagged, run_pass
 from actors.janitor_main import open_deps
 from actors.routing import QueueSet, queue_name, shard_for
 from engine import BANK_SETTLEMENT, Action, NewIntent, Op, apply_batch, system_account
@@ -227,3 +228,77 @@ async def test_kizo_janitor_once_exit_code_speaks_for_the_ledger(
     assert dirty.returncode == 1
     assert "finding audit:transaction_unbalanced" in dirty.stdout
     assert "Traceback" not in dirty.stderr
+
+
+async def _flag(deps: JanitorDeps, txn: uuid.UUID) -> None:
+    """Spend the intent's whole re-drive budget, as a bank down for long would."""
+    await deps.pool.execute(
+        "UPDATE transactions SET attempts = $2, needs_attention = true, next_attempt_at = now()"
+        " WHERE id = $1",
+        txn,
+        FAST.redrive_attempts_max + 1,
+    )
+
+
+@pytest.mark.asyncio
+async def test_flagged_deposits_are_rearmed_when_the_bank_answers_again_transfers_are_not(
+    deps: JanitorDeps,
+) -> None:
+    alice, bob = await bank_funded(deps.pool, deps.bank, [100, 0])
+    bank = await system_account(deps.pool, BANK_SETTLEMENT)
+    deposit, transfer = await intents(
+        deps.pool, [NewIntent("deposit", bank, alice, 7), NewIntent("transfer", alice, bob, 5)]
+    )
+    for txn in (deposit, transfer):
+        await _flag(deps, txn)
+    # The bank unreachable (nothing listens there): nothing is re-armed.
+    async with janitor_deps(deps.pool, deps.queues.redis, f"http://127.0.0.1:{free_port()}",
+                            FAST) as cut_off:  # fmt: skip
+        down = await run_pass(cut_off)
+    assert (down.rearmed, down.needs_attention, down.bank_ok) == (0, 2, False)
+    # The bank answers: the deposit gets a fresh budget and is re-driven in the same pass.
+    up = await run_pass(deps)
+    assert (up.rearmed, up.redriven, up.needs_attention) == (1, 1, 1)
+    row = await deps.pool.fetchrow(
+        "SELECT needs_attention, attempts, rearms FROM transactions WHERE id = $1", deposit
+    )
+    assert row is not None and tuple(row) == (False, 1, 1)
+    assert await deps.pool.fetchval(
+        "SELECT needs_attention FROM transactions WHERE id = $1", transfer
+    )
+
+
+@pytest.mark.asyncio
+async def test_rearms_stop_at_their_bound_and_an_operator_rearm_starts_the_count_again(
+    deps: JanitorDeps,
+) -> None:
+    alice = (await bank_funded(deps.pool, deps.bank, [100]))[0]
+    bank = await system_account(deps.pool, BANK_SETTLEMENT)
+    [deposit] = await intents(deps.pool, [NewIntent("deposit", bank, alice, 7)])
+    for _ in range(FAST.rearm_max):
+        await _flag(deps, deposit)
+        assert (await run_pass(deps)).rearmed == 1
+    await _flag(deps, deposit)
+    assert (await run_pass(deps)).rearmed == 0  # past KIZO_REARM_MAX: the operator's call
+    ids = await rearm_flagged(deps.pool, ["deposit", "withdrawal", "transfer"], 10,
+                              by_operator=True)  # fmt: skip
+    assert ids == [deposit]
+    assert await deps.pool.fetchval("SELECT rearms FROM transactions WHERE id = $1", deposit) == 0
+    count, rows = await flagged_intents(deps.pool, 10)
+    assert (count, rows) == (0, [])
+
+
+@pytest.mark.asyncio
+async def test_a_bank_that_cannot_be_connected_to_leaves_a_payment_unsent() -> None:
+    """Refused at connect: the request never left, so the deposit may stay pending for the
+    re-drive (not processing, an unknown outcome), and the health check says no."""
+    from actors._actor import _after_bank
+
+    bank = BankClient(f"http://127.0.0.1:{free_port()}", timeout_s=1, retries_max=1)
+    try:
+        result = await bank.collect(uuid.uuid4(), uuid.uuid4(), 5, "USD")
+        assert result.outcome == "unsent"
+        assert not await bank.healthy()
+    finally:
+        await bank.aclose()
+    assert _after_bank({"id": uuid.uuid4(), "kind": "deposit"}, result) is None  # type: ignore[arg-type]
