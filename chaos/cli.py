@@ -4,7 +4,11 @@
     kizo chaos run SCENARIO                        the workload under a scenario's faults, with
                                                    PostgreSQL, Redis and the bank behind the
                                                    fault proxy (chaos/scenarios/*.toml)
+    kizo chaos run --all [--seeds 1,2,3]           every scenario with each seed, then a table
     kizo chaos list                                the scenarios
+
+Each run writes its journal (JSON) and chart (PNG) to ``--out`` (chaos.report; default
+``chaos-runs/<scenario>-seed<N>[-<mutation>]/``; with ``--all``, the parent of those).
 
 Exit code 0 when the checker finds nothing, 1 when it finds violations (they are printed) or
 a scenario step could not run when planned (skipped, late by more than
@@ -19,6 +23,7 @@ import json
 import re
 import time
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from infra.commands import Command, UsageError, bounded_int
@@ -26,10 +31,12 @@ from infra.config import MUTATIONS, Config
 
 if TYPE_CHECKING:
     from chaos.bank_workload import WorkloadParams
+    from chaos.report import Probe
     from chaos.scenario import Scenario
     from infra.system import System
 
 VIOLATIONS_SHOWN_MAX = 20
+RUNS_DIR = Path("chaos-runs")
 _BANK_FAULT = re.compile(r'^bank_faults_injected_total\{fault="([a-z_]+)"\} ([0-9.e+]+)$', re.M)
 # Short janitor periods, so that a run converges in seconds after the faults heal.
 CHAOS_OVERRIDES = {
@@ -52,6 +59,10 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mutation", choices=[m for m in MUTATIONS if m], default="",
                         help="run a deliberately broken build")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"the run's directory (default {RUNS_DIR}/NAME-seedN)")  # fmt: skip
+    parser.add_argument("--all", action="store_true", help="with run: every scenario")
+    parser.add_argument("--seeds", default=None, help="with run --all: seeds, e.g. 1,2,3")
 
 
 def _chaos(_config: Config, args: argparse.Namespace) -> int:
@@ -62,6 +73,10 @@ def _chaos(_config: Config, args: argparse.Namespace) -> int:
         for name in scenarios.names():
             print(f"{name:<16} {scenarios.load(name, args.seed).title}")
         return 0
+    if args.all or args.seeds is not None:
+        from chaos import matrix
+
+        return matrix.main(args, args.out or RUNS_DIR)
     scenario = None
     if args.what == "run":
         if not args.scenario:
@@ -76,7 +91,9 @@ def _chaos(_config: Config, args: argparse.Namespace) -> int:
     else:
         params = WorkloadParams(users=args.users, processes=args.processes,
                                 ops_per_process=args.ops, seed=args.seed)  # fmt: skip
-    report = run(params, scenario, args.seed, args.mutation)
+    named = None if scenario is None else scenario.name
+    out = args.out or report_dir(RUNS_DIR, named, args.seed, args.mutation)
+    report = run(params, scenario, args.seed, args.mutation, out)
     print(json.dumps(report) if args.json else text(report))
     return 1 if failed(report) else 0
 
@@ -86,23 +103,37 @@ def failed(report: dict[str, Any]) -> bool:
     return bool(report["violations"] or report["steps_failed"])
 
 
+def report_dir(base: Path, scenario: str | None, seed: int, mutation: str | None) -> Path:
+    from chaos.report import run_dir
+
+    return run_dir(base, scenario, seed, mutation)
+
+
 def run(params: WorkloadParams, scenario: Scenario | None, seed: int,
-        mutation: str = "") -> dict[str, Any]:  # fmt: skip
-    """One whole run on a scratch system; the report."""
+        mutation: str = "", out: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """One whole run on a scratch system; the report (also written to ``out``, with its
+    chart, when given)."""
     import trio
 
+    from chaos import report as journal
     from infra.system import scratch_system
 
     overrides = dict(CHAOS_OVERRIDES)
     if mutation:
         overrides["KIZO_MUTATION"] = mutation
     with scratch_system(overrides, behind_proxy=scenario is not None) as system:
-        report = trio.run(_execute, system, params, scenario, seed)
-    return {"seed": seed, "mutation": mutation or None, **report}
+        probe = journal.Probe(system)
+        try:
+            report = trio.run(_execute, system, params, scenario, seed, probe)
+        finally:
+            probe.stop()
+    report = {"seed": seed, "mutation": mutation or None, **report}
+    report["checker"] = journal.checker_section(report, failed(report))
+    return report if out is None else journal.write(report, out)
 
 
 async def _execute(system: System, params: WorkloadParams, scenario: Scenario | None,
-                   seed: int) -> dict[str, Any]:  # fmt: skip
+                   seed: int, probe: Probe) -> dict[str, Any]:  # fmt: skip
     import httpx
     import trio
 
@@ -113,16 +144,19 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
     timeline = Timeline(system.proxy_url, system.bank_url, seed, system.control)
 
     async def faults() -> None:
+        probe.load_started()
         if scenario is not None:
             await timeline.run(scenario.method, trio.current_time())
 
     started = time.monotonic()
     try:
-        history, members = await workload.run(system.api_url, params, faults)
+        history, members = await workload.run(system.api_url, params, faults, probe.recorder)
     finally:
+        probe.load_ended()
         if scenario is not None:  # the rollback, whatever happened
             async with httpx.AsyncClient(timeout=10) as http:
                 await timeline.heal(http)
+        probe.healed()
     ran_s = time.monotonic() - started
     state = await workload.converge_and_read(system.api_url, system.database_url, members,
                                              params, system.bank_url)  # fmt: skip
@@ -130,6 +164,8 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
         bank_metrics = (await http.get(f"{system.bank_url}/metrics")).text
     tolerated = scenario.tolerated if scenario is not None else frozenset()
     violations = check(history, state, tolerated)
+    steps = () if scenario is None else scenario.method
+    observed = await probe.finish(history, members, steps, timeline.applied)
     return {
         "scenario": None if scenario is None else scenario.name,
         "ops": len(history),
@@ -152,6 +188,7 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
         "violations": len(violations),
         "violation_rules": dict(Counter(v.rule for v in violations)),
         "violations_shown": [f"{v.rule}: {v.detail}" for v in violations][:VIOLATIONS_SHOWN_MAX],
+        **observed,  # chaos.report: convergence, lag, fault windows, series, samples
     }
 
 
@@ -175,12 +212,15 @@ def text(report: dict[str, Any]) -> str:
     if report["steps_failed"]:
         lines.append(f"  steps failed      {len(report['steps_failed'])} (the run fails)")
     lines += [f"    {s}" for s in report["steps_failed"]]
+    from chaos.report import figure_lines, file_lines
+
+    lines += figure_lines(report)
     lines.append(f"  violations        {report['violations']}")
     lines += [f"    {rule:<28} {n}" for rule, n in sorted(report["violation_rules"].items())]
     if report["violations_shown"]:
         lines.append(f"  first {len(report['violations_shown'])}:")
     lines += [f"    {v}" for v in report["violations_shown"]]
-    return "\n".join(lines)
+    return "\n".join(lines + file_lines(report))
 
 
 COMMANDS = [
