@@ -297,13 +297,14 @@ async def run(
     api_url: str,
     p: WorkloadParams,
     during: Callable[[], Awaitable[None]] | None = None,
-    rec: Recorder | None = None,
+    *,
+    recorder: Recorder | None = None,
 ) -> tuple[list[Op], list[Member]]:
     """Sign the users up, fund them, then run the processes; returns the history. ``during``
     (a fault timeline) runs alongside the processes only: they keep going until it has run
-    to its end (within ``seconds_max``), and it is cancelled if they end first. ``rec``: the
-    recorder to use (its ``started`` is the zero of the history's timestamps)."""
-    rec = Recorder() if rec is None else rec
+    to its end (within ``seconds_max``), and it is cancelled if they end first. ``recorder``:
+    the one to use (its ``started`` is the zero of the history's timestamps)."""
+    rec = Recorder() if recorder is None else recorder
     limits = httpx.Limits(max_connections=p.processes * BURST + 8)
     async with httpx.AsyncClient(
         base_url=api_url, timeout=REQUEST_TIMEOUT_S, limits=limits

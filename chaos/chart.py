@@ -52,8 +52,11 @@ def draw(journal: Mapping[str, Any], path: Path) -> None:
     errors.plot(mid, series["errors_503_per_s"], color="#f4a261", lw=1.2, label="503")
     errors.plot(mid, series["errors_5xx_per_s"], color="#d62828", lw=1.6, label="other 5xx")
     errors.set_ylabel("errors/s")
-    lag.plot(mid, _values(series["lag_p50_ms"]), color="#2a9d8f", lw=1.2, label="p50")
-    lag.plot(mid, _values(series["lag_p99_ms"]), color="#264653", lw=1.4, label="p99")
+    # Markers too: a bin whose neighbours settled nothing is a point, not a line.
+    lag.plot(mid, _values(series["lag_p50_ms"]), color="#2a9d8f", lw=1.2, marker=".",
+             label="p50 (of what settled then)")  # fmt: skip
+    lag.plot(mid, _values(series["lag_p99_ms"]), color="#264653", lw=1.4, marker=".",
+             label="p99")  # fmt: skip
     lag.set_ylabel("settlement lag ms")
     if any(v is not None and v > 0 for v in series["lag_p99_ms"]):
         lag.set_yscale("log")
@@ -62,13 +65,18 @@ def draw(journal: Mapping[str, Any], path: Path) -> None:
     backlog.plot(samples["t_s"], _values(samples["queued"]), color="#c77dff", lw=1.2,
                  label="queued jobs")  # fmt: skip
     backlog.set_ylabel("backlog")
+    gaps = [t for t, b, q in zip(samples["t_s"], samples["backlog"], samples["queued"],
+                                 strict=True) if b is None or q is None]  # fmt: skip
+    if gaps:
+        backlog.plot(gaps, [0] * len(gaps), "x", color="#6c757d", ms=5, label="no sample")
     backlog.set_xlabel("seconds since the load started")
     _shade(axes, journal.get("fault_windows", []))
     _marks(axes, journal)
     for ax in axes:
         ax.grid(True, alpha=0.3)
-        ax.set_ylim(bottom=0 if ax.get_yscale() == "linear" else None)
-        ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
+        if ax.get_yscale() == "linear":
+            ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))  # all zero: 0..1, not matplotlib's ±0.05
+        ax.legend(loc="upper right" if ax is top else "best", fontsize=8, framealpha=0.8)
     top.set_xlim(0, max(t[-1] + series["interval_s"] if t else 1.0,
                         *samples["t_s"][-1:]))  # fmt: skip
     fig.suptitle(_title(journal), fontsize=12, fontweight="bold")

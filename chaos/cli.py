@@ -150,7 +150,8 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
 
     started = time.monotonic()
     try:
-        history, members = await workload.run(system.api_url, params, faults, probe.recorder)
+        history, members = await workload.run(system.api_url, params, faults,
+                                              recorder=probe.recorder)  # fmt: skip
     finally:
         probe.load_ended()
         if scenario is not None:  # the rollback, whatever happened
