@@ -65,10 +65,13 @@ def draw(journal: Mapping[str, Any], path: Path) -> None:
     backlog.plot(samples["t_s"], _values(samples["queued"]), color="#c77dff", lw=1.2,
                  label="queued jobs")  # fmt: skip
     backlog.set_ylabel("backlog")
+    half = journal.get("sampler", {}).get("interval_s", 0.5) / 2
     gaps = [t for t, b, q in zip(samples["t_s"], samples["backlog"], samples["queued"],
                                  strict=True) if b is None or q is None]  # fmt: skip
-    if gaps:
-        backlog.plot(gaps, [0] * len(gaps), "x", color="#6c757d", ms=5, label="no sample")
+    for i, t_s in enumerate(gaps):
+        label = "no sample (server down)" if i == 0 else None
+        backlog.axvspan(t_s - half, t_s + half, facecolor="none", edgecolor="#6c757d",
+                        hatch="///", lw=0, label=label)  # fmt: skip
     backlog.set_xlabel("seconds since the load started")
     _shade(axes, journal.get("fault_windows", []))
     _marks(axes, journal)

@@ -204,6 +204,10 @@ def _lags_ms(txns: Sequence[TxnTimes]) -> list[float]:
     return [(t.final - t.created) * 1000 for t in txns if t.settled and t.final is not None]
 
 
+def _other_5xx(status: int | None) -> bool:
+    return status is not None and status >= 500 and status != 503
+
+
 def figures(history: Sequence[Op], txns: Sequence[TxnTimes], samples: Sequence[Sample],
             clock: Clock) -> dict[str, Any]:  # fmt: skip
     lags = _lags_ms(txns)
@@ -223,7 +227,7 @@ def figures(history: Sequence[Op], txns: Sequence[TxnTimes], samples: Sequence[S
         },
         "failed_transactions": sum(not t.settled and t.final is not None for t in txns),
         "unknown_ops": sum(op.status is None for op in history),
-        "answers_5xx": sum(op.status is not None and op.status >= 500 for op in history),
+        "answers_5xx": sum(_other_5xx(op.status) for op in history),
         "answers_503": sum(op.status == 503 for op in history),
         "backlog_peak": max(backlogs, default=None),
         "queued_peak": max(queued, default=None),
@@ -375,7 +379,7 @@ def figure_lines(report: Mapping[str, Any]) -> list[str]:
         gaps = max(sampler["backlog_gaps"], sampler["queued_gaps"])
         lines.append(f"  sampler           {sampler['samples']} samples every "
                      f"{sampler['interval_s']} s, {gaps} with a gap, "
-                     f"{sampler['cost_ms_total'] / 1000:.2f} s spent")  # fmt: skip
+                     f"{sampler['cpu_ms_total'] / 1000:.2f} s CPU")  # fmt: skip
     return lines
 
 

@@ -42,7 +42,8 @@ class Sample:
     at: float  # time.monotonic() when the sample was taken
     backlog: int | None  # open transactions in the ledger; None: PostgreSQL did not answer
     queued: int | None  # jobs waiting in the settle queues; None: Redis did not answer
-    cost_ms: float  # how long the sample took
+    cost_ms: float  # how long the sample took (mostly waiting for the servers)
+    cpu_ms: float = 0.0  # the CPU time it took in this thread: what it takes from the run
 
 
 @dataclass
@@ -62,10 +63,11 @@ class Sampler:
 
     async def tick(self) -> Sample:
         """One sample; a server that does not answer leaves ``None`` in its field."""
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.thread_time()
         backlog = await self._backlog()
         queued = await self._queued()
-        sample = Sample(started, backlog, queued, (time.monotonic() - started) * 1000)
+        sample = Sample(started, backlog, queued, (time.monotonic() - started) * 1000,
+                        (time.thread_time() - cpu) * 1000)  # fmt: skip
         if len(self.samples) < self.samples_max:
             self.samples.append(sample)
         return sample
@@ -119,7 +121,7 @@ class Sampler:
     async def _loop(self) -> None:
         started = time.monotonic()
         try:
-            for n in range(self.samples_max):
+            for n in range(self.samples_max - 1):
                 await self.tick()
                 # On a fixed grid: a slow sample skips the points it overran, never bunches up.
                 now = time.monotonic()
@@ -128,8 +130,9 @@ class Sampler:
                 if skipped > 0:
                     self.errors["late"] += skipped
                 # This thread's loop has nothing else to run: waiting on the event blocks only
-                # it, and ``stop`` wakes it at once.
+                # it, and ``stop`` wakes it at once, for one last sample (the state at the end).
                 if self._stop.wait(ahead):
+                    await self.tick()
                     return
         finally:
             await self.close()
@@ -157,5 +160,6 @@ class Sampler:
             "cost_ms_total": round(sum(costs), 1),
             "cost_ms_mean": round(sum(costs) / len(costs), 2) if costs else None,
             "cost_ms_max": round(max(costs), 1) if costs else None,
+            "cpu_ms_total": round(sum(s.cpu_ms for s in self.samples), 1),
             "errors": dict(sorted(self.errors.items())),
         }
