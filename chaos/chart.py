@@ -15,7 +15,8 @@ from typing import Any
 
 WIDTH_IN, HEIGHT_IN, DPI = 11.0, 9.0, 90
 WINDOW_COLOURS = ("#e4572e", "#4c72b0", "#8172b2", "#55a868", "#c44e52", "#dd8452", "#937860")
-LABEL_ROWS = 4  # overlapping windows' labels are stacked on this many rows
+LABEL_ROWS = 5  # the windows' bars and labels are stacked on this many rows
+ROW_HEIGHT = 0.11  # of the top panel's height
 
 
 def _values(raw: Sequence[float | None]) -> list[float]:
@@ -79,7 +80,7 @@ def draw(journal: Mapping[str, Any], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         if ax.get_yscale() == "linear":
             ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))  # all zero: 0..1, not matplotlib's ±0.05
-        ax.legend(loc="upper right" if ax is top else "best", fontsize=8, framealpha=0.8)
+        ax.legend(loc="center right" if ax is top else "best", fontsize=8, framealpha=0.8)
     top.set_xlim(0, max(t[-1] + series["interval_s"] if t else 1.0,
                         *samples["t_s"][-1:]))  # fmt: skip
     fig.suptitle(_title(journal), fontsize=12, fontweight="bold")
@@ -88,16 +89,25 @@ def draw(journal: Mapping[str, Any], path: Path) -> None:
 
 
 def _shade(axes: Sequence[Any], windows: Sequence[Mapping[str, Any]]) -> None:
+    """Each window shaded in every panel, and in the top one a bar of its own colour from its
+    start to its end with its label, one row per window (overlapping shades blend; the bars
+    say which is which)."""
     top = axes[0]
+    rows = min(len(windows), LABEL_ROWS)
+    if rows:  # room above the data for the bars
+        top.set_ylim(0, max(1.0, top.get_ylim()[1]) / (1 - ROW_HEIGHT * rows))
     for i, window in enumerate(windows):
         colour = WINDOW_COLOURS[i % len(WINDOW_COLOURS)]
         start, end = window["start_s"], max(window["end_s"], window["start_s"] + 0.05)
         for ax in axes:
-            ax.axvspan(start, end, color=colour, alpha=0.13, lw=0)
-        # In axes-fraction height, so the label sits at the top whatever the data's range.
-        top.text(start, 0.96 - 0.13 * (i % LABEL_ROWS), f" {window['label']}", color=colour,
-                 fontsize=8, fontweight="bold", va="top", ha="left",
-                 transform=top.get_xaxis_transform(), clip_on=True)  # fmt: skip
+            ax.axvspan(start, end, color=colour, alpha=0.10, lw=0)
+        # In axes-fraction height, so the bars sit at the top whatever the data's range.
+        y = 0.985 - ROW_HEIGHT * (i % LABEL_ROWS)
+        top.plot([start, end], [y - ROW_HEIGHT + 0.025] * 2, color=colour, lw=3,
+                 solid_capstyle="butt", transform=top.get_xaxis_transform())  # fmt: skip
+        top.text(start, y, f"{window['label']}", color=colour, fontsize=8, fontweight="bold",
+                 va="top", ha="left", transform=top.get_xaxis_transform(),
+                 clip_on=True)  # fmt: skip
 
 
 def _marks(axes: Sequence[Any], journal: Mapping[str, Any]) -> None:

@@ -119,16 +119,17 @@ class Sampler:
         await self._close_redis()
 
     async def _loop(self) -> None:
-        started = time.monotonic()
+        started, point = time.monotonic(), -1
         try:
-            for n in range(self.samples_max - 1):
+            for _ in range(self.samples_max - 1):
                 await self.tick()
                 # On a fixed grid: a slow sample skips the points it overran, never bunches up.
                 now = time.monotonic()
                 ahead = self.interval_s - (now - started) % self.interval_s
-                skipped = int((now - started) // self.interval_s) - n
-                if skipped > 0:
-                    self.errors["late"] += skipped
+                reached = int((now - started) // self.interval_s)
+                if reached > point + 1:
+                    self.errors["late"] += reached - point - 1
+                point = reached
                 # This thread's loop has nothing else to run: waiting on the event blocks only
                 # it, and ``stop`` wakes it at once, for one last sample (the state at the end).
                 if self._stop.wait(ahead):
