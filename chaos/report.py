@@ -2,9 +2,12 @@
 drawn as a PNG, ``chaos.chart``) in the run's directory.
 
 The run's clock starts when the load starts (the fault timeline's zero): the history's
-timestamps, the sampler's and the ledger's (PostgreSQL's wall clock, on the same machine) are
-all put on it. ``Probe`` collects during the run; the rest is pure and builds the journal's
-sections from what was collected:
+timestamps and the sampler's (``time.monotonic``) are put on it, and so are the ledger's
+(PostgreSQL's wall clock) through the sampler's readings of that clock beside its own: when
+the wall clock moves against the monotonic one during a run (it did by about 5 s in one run
+here: a step, or the machine paused), one pair of readings at the start would shift every
+settlement after it and inflate its lag. ``Probe`` collects during the run; the rest is pure and builds the
+journal's sections from what was collected:
 
 - ``timeline`` (the report's own), ``rollback`` (when the heal after the load ran);
 - ``operations``: counts by outcome (ok 2xx, fail 4xx, unknown: no answer or 5xx) and status;
@@ -42,6 +45,7 @@ JOURNAL = "journal.json"
 CHART = "report.png"
 SERIES_BINS_MAX = 1200
 LEDGER_TIMEOUT_S = 30.0
+CLOCK_MOVED_S_SHOWN = 0.2
 
 
 @dataclass(frozen=True)
@@ -98,20 +102,41 @@ class Probe:
             return None if at is None else at - self.load_at
 
         offset_s = self.recorder.started - self.load_at  # history times -> run times
+        readings = tuple((s.at, s.db_offset_s) for s in self.sampler.samples
+                         if s.db_offset_s is not None)  # fmt: skip
         return Clock(self.load_at, self.load_wall, offset_s, rel(self.load_ended_at),
-                     rel(self.healed_at))  # fmt: skip
+                     rel(self.healed_at), readings)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Clock:
     load_at: float  # time.monotonic() when the load started: the run's zero
-    load_wall: float  # time.time() at the same moment
+    load_wall: float  # time.time() at the same moment (when the database's clock was not read)
     history_offset_s: float  # add to an Op's invoked_s / completed_s
     load_ended_s: float | None
     healed_s: float | None  # the rollback's end (the load's end when there is none)
+    # (time.monotonic(), PostgreSQL's epoch seconds minus it), in time order: the sampler's
+    db_readings: tuple[tuple[float, float], ...] = ()
 
     def from_wall(self, epoch: float) -> float:
-        return epoch - self.load_wall
+        """A ledger timestamp on the run's clock, by the reading of the database's clock in
+        force at that time (the last one taken before it; the first one before any)."""
+        if not self.db_readings:
+            return epoch - self.load_wall
+        offset_s = self.db_readings[0][1]
+        for at, reading_s in self.db_readings:
+            if at + reading_s > epoch:
+                break
+            offset_s = reading_s
+        return epoch - offset_s - self.load_at
+
+    def section(self) -> dict[str, Any]:
+        """How far the database's clock moved against the monotonic one during the run."""
+        offsets = [o for _, o in self.db_readings]
+        return {
+            "db_readings": len(offsets),
+            "db_clock_moved_s": round(max(offsets) - min(offsets), 3) if offsets else None,
+        }
 
     def from_monotonic(self, at: float) -> float:
         return at - self.load_at
@@ -156,6 +181,7 @@ def sections(history: Sequence[Op], txns: Sequence[TxnTimes], samples: Sequence[
                  *(clock.from_wall(t.final) for t in txns if t.final is not None)])  # fmt: skip
     return {
         "rollback": {"load_ended_s": _round(clock.load_ended_s), "healed_s": _round(healed_s)},
+        "clock": clock.section(),
         "operations": operations(history),
         "convergence": convergence,
         "fault_windows": fault_windows(steps, applied, healed_s),
@@ -374,6 +400,10 @@ def figure_lines(report: Mapping[str, Any]) -> list[str]:
                          f"max {lag['max']:.0f} ms ({lag['settled']} settled)")  # fmt: skip
         lines.append(f"  backlog peak      {_or_dash(figs['backlog_peak'])} open, "
                      f"{_or_dash(figs['queued_peak'])} queued jobs")  # fmt: skip
+    moved = (report.get("clock") or {}).get("db_clock_moved_s")
+    if moved is not None and moved > CLOCK_MOVED_S_SHOWN:
+        lines.append(f"  clock             the wall clock moved {moved:.2f} s during the run "
+                     "(the ledger's times are mapped by the sampler's readings)")  # fmt: skip
     sampler = report.get("sampler")
     if sampler is not None:
         gaps = max(sampler["backlog_gaps"], sampler["queued_gaps"])

@@ -34,7 +34,10 @@ STOP_WAIT_S = 5.0
 # SAQ's list of waiting jobs for queue ``settle-N`` (actors.routing names the queues; the
 # harness may not import it, so the convention is written down here too).
 QUEUED_KEY = "saq:settle-{shard}:queued"
-OPEN_SQL = "SELECT count(*) FROM transactions WHERE status IN ('pending', 'processing')"
+# With the server's clock: the ledger's timestamps are put on the run's clock by these readings
+# (chaos.report), not by trusting that the wall clock never moved.
+OPEN_SQL = ("SELECT count(*), extract(epoch FROM clock_timestamp())::float8 FROM transactions"
+            " WHERE status IN ('pending', 'processing')")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Sample:
     queued: int | None  # jobs waiting in the settle queues; None: Redis did not answer
     cost_ms: float  # how long the sample took (mostly waiting for the servers)
     cpu_ms: float = 0.0  # the CPU time it took in this thread: what it takes from the run
+    # PostgreSQL's clock (epoch seconds) minus time.monotonic(), around the count's query
+    db_offset_s: float | None = None
 
 
 @dataclass
@@ -64,25 +69,28 @@ class Sampler:
     async def tick(self) -> Sample:
         """One sample; a server that does not answer leaves ``None`` in its field."""
         started, cpu = time.monotonic(), time.thread_time()
-        backlog = await self._backlog()
+        backlog, db_offset_s = await self._backlog()
         queued = await self._queued()
         sample = Sample(started, backlog, queued, (time.monotonic() - started) * 1000,
-                        (time.thread_time() - cpu) * 1000)  # fmt: skip
+                        (time.thread_time() - cpu) * 1000, db_offset_s)  # fmt: skip
         if len(self.samples) < self.samples_max:
             self.samples.append(sample)
         return sample
 
-    async def _backlog(self) -> int | None:
+    async def _backlog(self) -> tuple[int | None, float | None]:
         try:
             if self._pg is None or self._pg.is_closed():
                 self._pg = await asyncpg.connect(self.database_url, timeout=self.timeout_s)
-            return int(await self._pg.fetchval(OPEN_SQL, timeout=self.timeout_s))
+            before = time.monotonic()
+            row = await self._pg.fetchrow(OPEN_SQL, timeout=self.timeout_s)
+            assert row is not None
+            return int(row[0]), float(row[1]) - (before + time.monotonic()) / 2
         # Anything at all (refused, reset, "starting up", asyncpg's confused protocol state
         # after a crash): a gap in the series, and a new connection next time.
         except Exception as exc:
             self.errors[f"postgres: {type(exc).__name__}"] += 1
             await self._close_pg()
-            return None
+            return None, None
 
     async def _queued(self) -> int | None:
         try:

@@ -232,3 +232,14 @@ def check_journal(run: dict[str, Any], out: Path) -> None:
     assert any(b is not None for b in samples["backlog"])
     png = (out / report.CHART).read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000
+
+
+def test_ledger_times_follow_the_database_clock_through_a_step() -> None:
+    """The wall clock jumps 5 s forward between the sampler's readings at 1 s and 2 s: the
+    ledger's timestamps after the jump land where they happened, not 5 s later."""
+    readings = ((100.0, 900.0), (101.0, 900.0), (102.0, 905.0), (103.0, 905.0))
+    clock = report.Clock(100.0, 1_000.0, 0.0, 3.0, 3.0, readings)
+    assert clock.from_wall(1_000.5) == 0.5
+    assert clock.from_wall(1_007.5) == 2.5  # read as 905 + 102.5 after the jump
+    assert clock.from_wall(999.0) == -1.0  # before any reading: the first one's offset
+    assert clock.section() == {"db_readings": 4, "db_clock_moved_s": 5.0}
