@@ -209,6 +209,7 @@ def text(report: dict[str, Any]) -> str:
     if report["timeline"]:
         lines.append("  faults            planned -> actual")
         lines += [f"    {s['at_s']:>6} s -> {s['actual_s']:>6} s  {s['step']} -> {s['status']}"
+                  + (f" (took {s['took_s']} s)" if s.get("took_s", 0) >= 1 else "")
                   for s in report["timeline"]]  # fmt: skip
     if report["steps_failed"]:
         lines.append(f"  steps failed      {len(report['steps_failed'])} (the run fails)")
