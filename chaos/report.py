@@ -6,8 +6,8 @@ timestamps and the sampler's (``time.monotonic``) are put on it, and so are the 
 (PostgreSQL's wall clock) through the sampler's readings of that clock beside its own: when
 the wall clock moves against the monotonic one during a run (it did by about 5 s in one run
 here: a step, or the machine paused), one pair of readings at the start would shift every
-settlement after it and inflate its lag. ``Probe`` collects during the run; the rest is pure and builds the
-journal's sections from what was collected:
+settlement after it and inflate its lag. ``Probe`` collects during the run; the rest is pure
+and builds the journal's sections from what was collected:
 
 - ``timeline`` (the report's own), ``rollback`` (when the heal after the load ran);
 - ``operations``: counts by outcome (ok 2xx, fail 4xx, unknown: no answer or 5xx) and status;
