@@ -213,7 +213,7 @@ def check_journal(run: dict[str, Any], out: Path) -> None:
     journal = json.loads((out / report.JOURNAL).read_text())
     assert journal["files"] == {"journal": str(out / report.JOURNAL),
                                 "chart": str(out / report.CHART)}  # fmt: skip
-    for section in ("timeline", "rollback", "operations", "checker", "convergence",
+    for section in ("timeline", "rollback", "clock", "operations", "checker", "convergence",
                     "fault_windows", "figures", "series", "samples", "sampler"):  # fmt: skip
         assert journal[section] == run[section], section
     assert journal["checker"]["verdict"] == "pass"
@@ -243,3 +243,30 @@ def test_ledger_times_follow_the_database_clock_through_a_step() -> None:
     assert clock.from_wall(1_007.5) == 2.5  # read as 905 + 102.5 after the jump
     assert clock.from_wall(999.0) == -1.0  # before any reading: the first one's offset
     assert clock.section() == {"db_readings": 4, "db_clock_moved_s": 5.0}
+
+
+def test_the_summary_names_convergence_lag_and_the_files() -> None:
+    from chaos.cli import text
+
+    txns = [report.TxnTimes(1_000.1, 1_000.2, True), report.TxnTimes(1_000.1, 1_004.0, True)]
+    run = {"scenario": "redis-outage", "seed": 5, "mutation": None, "ops": 2, "ops_per_s": 1.0,
+           "transactions": 2, "by_kind_and_status": {}, "bank_faults_injected": {},
+           "timeline": [{"at_s": 1.0, "actual_s": 1.0, "took_s": 1.5, "step": "restart api",
+                         "status": "running"}],
+           "steps_failed": [], "violations": 0, "violation_rules": {}, "violations_shown": [],
+           **report.sections([], txns, [], CLOCK, [], [],
+                             {"interval_s": 0.5, "samples": 0, "backlog_gaps": 0,
+                              "queued_gaps": 0, "cpu_ms_total": 0.0}),
+           "files": {"journal": "out/journal.json", "chart": "out/report.png"}}  # fmt: skip
+    run["checker"] = report.checker_section(run, failed=False)
+    lines = text(run).splitlines()
+    assert "       1.0 s ->    1.0 s  restart api -> running (took 1.5 s)" in lines
+    assert "  convergence       0.50 s after the heal at 3.50 s (all 2 final)" in lines
+    assert "  settlement lag    p50 100 ms, p99 3900 ms, max 3900 ms (2 settled)" in lines
+    assert lines[-2:] == [
+        "  journal           out/journal.json",
+        "  chart             out/report.png",
+    ]
+    assert matrix.row(run) == {"scenario": "redis-outage", "seed": 5, "ops": 2, "violations": 0,
+                               "steps_failed": 0, "convergence_s": 0.5, "lag_p99_ms": 3900.0,
+                               "verdict": "pass", "journal": "out/journal.json"}  # fmt: skip
