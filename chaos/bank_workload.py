@@ -298,13 +298,16 @@ async def run(
     p: WorkloadParams,
     during: Callable[[], Awaitable[None]] | None = None,
     steady: Callable[[], Awaitable[bool]] | None = None,
+    *,
+    recorder: Recorder | None = None,
 ) -> tuple[list[Op], list[Member]]:
     """Sign the users up, fund them, then run the processes; returns the history. ``during``
     (a fault timeline) runs alongside the processes only: they keep going until it has run
     to its end (within ``seconds_max``), and it is cancelled if they end first. ``steady`` (a
     steady-state hypothesis) is asked once the users are funded: False, and neither the
-    processes nor ``during`` run."""
-    rec = Recorder()
+    processes nor ``during`` run. ``recorder``: the one to use (its ``started`` is the zero of
+    the history's timestamps)."""
+    rec = Recorder() if recorder is None else recorder
     limits = httpx.Limits(max_connections=p.processes * BURST + 8)
     async with httpx.AsyncClient(
         base_url=api_url, timeout=REQUEST_TIMEOUT_S, limits=limits

@@ -27,6 +27,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FINAL = frozenset({"settled", "failed"})
+# Every rule a ``Violation`` may name, in the order of the docs' table; plus ``audit:<check>``,
+# one per finding of the ledger's own audit. The run report lists each with its count.
+RULES = (
+    "server_error", "bad_input_accepted", "bad_input_changed_state", "key_many_transactions",
+    "replay_differs", "key_record_mismatch", "lost_transaction", "not_final", "value_mismatch",
+    "unknown_unresolved", "transaction_many_keys", "unaccounted_transaction", "conservation",
+    "negative_balance", "api_balance", "history_duplicates", "history_incomplete", "history_sum",
+    "csv_disagrees", "bank_disagrees", "bank_unrecorded",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

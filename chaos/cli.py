@@ -4,7 +4,11 @@
     kizo chaos run SCENARIO                        the workload under a scenario's faults, with
                                                    PostgreSQL, Redis and the bank behind the
                                                    fault proxy (chaos/scenarios/*.toml)
+    kizo chaos run --all [--seeds 1,2,3]           every scenario with each seed, then a table
     kizo chaos list                                the scenarios
+
+Each run writes its journal (JSON) and chart (PNG) to ``--out`` (chaos.report; default
+``chaos-runs/<scenario>-seed<N>[-<mutation>]/``; with ``--all``, the parent of those).
 
 Exit code 0 when the checker finds nothing, 1 when it finds violations (they are printed) or
 a scenario step could not run when planned (skipped, late by more than
@@ -21,6 +25,7 @@ import json
 import re
 import time
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from infra.commands import Command, UsageError, bounded_int
@@ -28,10 +33,12 @@ from infra.config import MUTATIONS, Config
 
 if TYPE_CHECKING:
     from chaos.bank_workload import WorkloadParams
+    from chaos.report import Probe
     from chaos.scenario import Scenario
     from infra.system import System
 
 VIOLATIONS_SHOWN_MAX = 20
+RUNS_DIR = Path("chaos-runs")
 _BANK_FAULT = re.compile(r'^bank_faults_injected_total\{fault="([a-z_]+)"\} ([0-9.e+]+)$', re.M)
 # Short janitor periods, so that a run converges in seconds after the faults heal.
 CHAOS_OVERRIDES = {
@@ -54,6 +61,10 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mutation", choices=[m for m in MUTATIONS if m], default="",
                         help="run a deliberately broken build")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"the run's directory (default {RUNS_DIR}/NAME-seedN)")  # fmt: skip
+    parser.add_argument("--all", action="store_true", help="with run: every scenario")
+    parser.add_argument("--seeds", default=None, help="with run --all: seeds, e.g. 1,2,3")
 
 
 def _chaos(_config: Config, args: argparse.Namespace) -> int:
@@ -64,6 +75,10 @@ def _chaos(_config: Config, args: argparse.Namespace) -> int:
         for name in scenarios.names():
             print(f"{name:<16} {scenarios.load(name, args.seed).title}")
         return 0
+    if args.all or args.seeds is not None:
+        from chaos import matrix
+
+        return matrix.main(args, args.out or RUNS_DIR)
     scenario = None
     if args.what == "run":
         if not args.scenario:
@@ -78,7 +93,9 @@ def _chaos(_config: Config, args: argparse.Namespace) -> int:
     else:
         params = WorkloadParams(users=args.users, processes=args.processes,
                                 ops_per_process=args.ops, seed=args.seed)  # fmt: skip
-    report = run(params, scenario, args.seed, args.mutation)
+    named = None if scenario is None else scenario.name
+    out = args.out or report_dir(RUNS_DIR, named, args.seed, args.mutation)
+    report = run(params, scenario, args.seed, args.mutation, out)
     print(json.dumps(report) if args.json else text(report))
     return 1 if failed(report) else 0
 
@@ -90,11 +107,19 @@ def failed(report: dict[str, Any]) -> bool:
     return bool(report["violations"] or report["steps_failed"] or hypothesis.get("failed"))
 
 
+def report_dir(base: Path, scenario: str | None, seed: int, mutation: str | None) -> Path:
+    from chaos.report import run_dir
+
+    return run_dir(base, scenario, seed, mutation)
+
+
 def run(params: WorkloadParams, scenario: Scenario | None, seed: int,
-        mutation: str = "") -> dict[str, Any]:  # fmt: skip
-    """One whole run on a scratch system; the report."""
+        mutation: str = "", out: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """One whole run on a scratch system; the report (also written to ``out``, with its
+    chart, when given)."""
     import trio
 
+    from chaos import report as journal
     from infra.system import scratch_system
 
     overrides = dict(CHAOS_OVERRIDES)
@@ -103,12 +128,18 @@ def run(params: WorkloadParams, scenario: Scenario | None, seed: int,
     if scenario is not None:
         overrides.update(scenario.configuration)
     with scratch_system(overrides, behind_proxy=scenario is not None) as system:
-        report = trio.run(_execute, system, params, scenario, seed)
-    return {"seed": seed, "mutation": mutation or None, **report}
+        probe = journal.Probe(system)
+        try:
+            report = trio.run(_execute, system, params, scenario, seed, probe)
+        finally:
+            probe.stop()
+    report = {"seed": seed, "mutation": mutation or None, **report}
+    report["checker"] = journal.checker_section(report, failed(report))
+    return report if out is None else journal.write(report, out)
 
 
 async def _execute(system: System, params: WorkloadParams, scenario: Scenario | None,
-                   seed: int) -> dict[str, Any]:  # fmt: skip
+                   seed: int, probe: Probe) -> dict[str, Any]:  # fmt: skip
     import httpx
     import trio
 
@@ -122,6 +153,7 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
     hypothesis: dict[str, Any] = {}
 
     async def faults() -> None:
+        probe.load_started()
         if scenario is not None:
             await timeline.run(scenario.method, trio.current_time())
 
@@ -137,16 +169,17 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
     started = time.monotonic()
     try:
         history, members = await workload.run(system.api_url, params, faults,
-                                              None if scenario is None else steady)  # fmt: skip
+                                              None if scenario is None else steady,
+                                              recorder=probe.recorder)  # fmt: skip
     finally:
+        probe.load_ended()
         if scenario is not None:  # the rollbacks, then heal, whatever happened
             async with httpx.AsyncClient(timeout=10) as http:
                 await timeline.rollback(http, scenario.rollbacks)
+        probe.healed()
     ran_s = time.monotonic() - started
-    converging = time.monotonic()
     state = await workload.converge_and_read(system.api_url, system.database_url, members,
                                              params, system.bank_url)  # fmt: skip
-    converge_s = time.monotonic() - converging  # the final reads included
     if scenario is not None and "before" in hypothesis:  # after healing and convergence
         hypothesis["after"] = await prober.run(scenario.hypothesis.probes)
         hypothesis["failed"] += [f"deviates after the run: {d}"
@@ -155,6 +188,8 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
         bank_metrics = (await http.get(f"{system.bank_url}/metrics")).text
     tolerated = scenario.tolerated if scenario is not None else frozenset()
     violations = check(history, state, tolerated)
+    steps = () if scenario is None else scenario.method
+    observed = await probe.finish(history, members, steps, timeline.applied)
     return {
         "scenario": None if scenario is None else scenario.name,
         "ops": len(history),
@@ -163,7 +198,6 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
             sorted(Counter(f"{op.f} {op.status}" for op in history).items())
         ),
         "transactions": len(state.transactions),
-        "converge_s": round(converge_s, 1),
         "bank_faults_injected": {
             m.group(1): int(float(m.group(2))) for m in _BANK_FAULT.finditer(bank_metrics)
         },
@@ -180,6 +214,7 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
         "violations": len(violations),
         "violation_rules": dict(Counter(v.rule for v in violations)),
         "violations_shown": [f"{v.rule}: {v.detail}" for v in violations][:VIOLATIONS_SHOWN_MAX],
+        **observed,  # chaos.report: convergence, lag, fault windows, series, samples
     }
 
 
@@ -201,17 +236,21 @@ def text(report: dict[str, Any]) -> str:
     if report["timeline"]:
         lines.append("  faults            planned -> actual")
         lines += [f"    {s['at_s']:>6} s -> {s['actual_s']:>6} s  {s['step']} -> {s['status']}"
+                  + (f" (took {s['took_s']} s)" if s.get("took_s", 0) >= 1 else "")
                   for s in report["timeline"]]  # fmt: skip
     lines += hypothesis_lines(report)
     if report["steps_failed"]:
         lines.append(f"  steps failed      {len(report['steps_failed'])} (the run fails)")
     lines += [f"    {s}" for s in report["steps_failed"]]
+    from chaos.report import figure_lines, file_lines
+
+    lines += figure_lines(report)
     lines.append(f"  violations        {report['violations']}")
     lines += [f"    {rule:<28} {n}" for rule, n in sorted(report["violation_rules"].items())]
     if report["violations_shown"]:
         lines.append(f"  first {len(report['violations_shown'])}:")
     lines += [f"    {v}" for v in report["violations_shown"]]
-    return "\n".join(lines)
+    return "\n".join(lines + file_lines(report))
 
 
 COMMANDS = [

@@ -231,8 +231,6 @@ def lines(report: Mapping[str, Any]) -> list[str]:
     if report.get("rollbacks"):
         done = ", ".join(f"{r['step']} -> {r['status']}" for r in report["rollbacks"])
         out.append(f"  rollbacks         {done}, then heal")
-    if report.get("converge_s") is not None:
-        out.append(f"  converged in      {report['converge_s']} s")
     return out
 
 

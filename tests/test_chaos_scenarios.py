@@ -13,6 +13,7 @@ import trio
 from chaos import scenario as scenarios
 from chaos.cli import failed, run
 from chaos.hypothesis import DEFAULT, Probe, Prober
+from tests.test_chaos_report import check_journal
 
 SHIPPED = {
     "api-crash", "bank-down", "bank-flaky", "combined-storm", "db-latency", "hot-account",
@@ -138,8 +139,11 @@ def test_a_flaky_bank_still_moves_money_exactly_once() -> None:
     assert report["steps_skipped"] == [] and report["steps_failed"] == []
 
 
-def test_database_latency_and_cut_connections_lose_nothing() -> None:
-    report = _run("db-latency", seed=3)
+def test_database_latency_and_cut_connections_lose_nothing(tmp_path: Path) -> None:
+    """Also the run's journal and chart (tests/test_chaos_report.py says what they hold)."""
+    scenario = scenarios.load("db-latency", seed=3)
+    report = run(scenario.workload, scenario, 3, out=tmp_path)
+    check_journal(report, tmp_path)
     assert report["violations"] == 0, report["violations_shown"]
     assert report["steps_skipped"] == [] and report["steps_failed"] == []
     assert [step["status"] for step in report["timeline"]] == [200, 200, 204]
