@@ -11,6 +11,7 @@ from quart import Quart, Response, request
 from quart_rate_limiter import RateLimit, RateLimiter, RateLimitExceeded, rate_limit
 from quart_rate_limiter.redis_store import RedisStore
 
+from api._metrics import RATE_LIMITED, route
 from api._problems import Problem
 from api.routes import PAYMENTS, SIGNIN, SIGNUP
 from infra.config import PoolsConfig, RateLimitConfig
@@ -89,6 +90,7 @@ def install(app: Quart, limits: RateLimitConfig, pools: PoolsConfig, redis_url: 
 
     @app.errorhandler(RateLimitExceeded)
     async def too_many(exc: RateLimitExceeded) -> Response:
+        RATE_LIMITED.labels(route()).inc()
         return Problem(
             429,
             "Too many requests",

@@ -25,7 +25,10 @@ from infra.commands import Command, UsageError, bounded_int
 from infra.config import MUTATIONS, Config
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from chaos.bank_workload import WorkloadParams
+    from chaos.metrics import RunnerMetrics
     from chaos.scenario import Scenario
     from infra.system import System
 
@@ -76,7 +79,8 @@ def _chaos(_config: Config, args: argparse.Namespace) -> int:
     else:
         params = WorkloadParams(users=args.users, processes=args.processes,
                                 ops_per_process=args.ops, seed=args.seed)  # fmt: skip
-    report = run(params, scenario, args.seed, args.mutation)
+    report = run(params, scenario, args.seed, args.mutation, _config.home,
+                 _config.chaos_metrics_port)  # fmt: skip
     print(json.dumps(report) if args.json else text(report))
     return 1 if failed(report) else 0
 
@@ -86,23 +90,30 @@ def failed(report: dict[str, Any]) -> bool:
     return bool(report["violations"] or report["steps_failed"])
 
 
-def run(params: WorkloadParams, scenario: Scenario | None, seed: int,
-        mutation: str = "") -> dict[str, Any]:  # fmt: skip
-    """One whole run on a scratch system; the report."""
+def run(params: WorkloadParams, scenario: Scenario | None, seed: int, mutation: str = "",
+        home: Path | None = None, metrics_port: int = 0) -> dict[str, Any]:  # fmt: skip
+    """One whole run on a scratch system; the report. The runner serves its metrics on
+    ``metrics_port`` (0: a free one) meanwhile, listed with the system's in ``home``'s
+    Prometheus targets when given (chaos.metrics)."""
     import trio
 
+    from chaos.metrics import serving
+    from infra.processes import metrics_targets
     from infra.system import scratch_system
 
     overrides = dict(CHAOS_OVERRIDES)
     if mutation:
         overrides["KIZO_MUTATION"] = mutation
-    with scratch_system(overrides, behind_proxy=scenario is not None) as system:
-        report = trio.run(_execute, system, params, scenario, seed)
+    with scratch_system(overrides, behind_proxy=scenario is not None) as system, serving(
+        scenario.name if scenario else None, len(scenario.method) if scenario else 0,
+        system.config.host, metrics_port, home, metrics_targets([c for c, _ in system.procs]),
+    ) as runner:  # fmt: skip
+        report = trio.run(_execute, system, params, scenario, seed, runner)
     return {"seed": seed, "mutation": mutation or None, **report}
 
 
 async def _execute(system: System, params: WorkloadParams, scenario: Scenario | None,
-                   seed: int) -> dict[str, Any]:  # fmt: skip
+                   seed: int, runner: RunnerMetrics | None = None) -> dict[str, Any]:  # fmt: skip
     import httpx
     import trio
 
@@ -110,7 +121,8 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
     from chaos.checker import check
     from chaos.scenario import Timeline
 
-    timeline = Timeline(system.proxy_url, system.bank_url, seed, system.control)
+    timeline = Timeline(system.proxy_url, system.bank_url, seed, system.control,
+                        observe=runner.observe if runner is not None else None)  # fmt: skip
 
     async def faults() -> None:
         if scenario is not None:
