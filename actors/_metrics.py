@@ -14,6 +14,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from engine import Outcome
 from infra.metrics import (
+    FAILURE_REASONS,
     KINDS,
     LAG_BUCKETS_S,
     LATENCY_BUCKETS_S,
@@ -43,6 +44,11 @@ BANK_DURATION = Histogram("kizo_bank_call_duration_seconds", "One bank call, ret
                           ["call"], buckets=LATENCY_BUCKETS_S)  # fmt: skip
 
 _LAG = {kind: LAG.labels(kind) for kind in (*KINDS, "other")}
+# Labelled series exist from the start (0, not absent) where the label values are known now.
+for _kind in KINDS:
+    SETTLED.labels(_kind)
+    for _reason in (*FAILURE_REASONS, "other"):
+        FAILED.labels(_kind, _reason)
 
 
 def record_final(outcomes: Sequence[Outcome]) -> None:

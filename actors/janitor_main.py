@@ -52,6 +52,8 @@ QUEUE_OLDEST = Gauge("kizo_queue_oldest_job_age_seconds", "Age of the shard's ol
                      ["shard"])  # fmt: skip
 SAMPLE_FAILURES = Counter("kizo_janitor_sample_failures_total", "Backlog samples not taken",
                           ["source"])  # fmt: skip
+for _source in ("postgres", "redis"):
+    SAMPLE_FAILURES.labels(_source)
 # Served by the open-intents partial index (transactions_open_idx).
 _BACKLOG = """
 SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8

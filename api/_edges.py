@@ -87,6 +87,8 @@ def install(app: Quart, limits: RateLimitConfig, pools: PoolsConfig, redis_url: 
     limit(SIGNUP, RateLimit(limits.signup_per_ip, MINUTE, ip_key))
     for endpoint in PAYMENTS:
         limit(endpoint, RateLimit(limits.payments_per_user, MINUTE, user_key))
+    for rule in app.url_map.iter_rules():  # every route is limited (per IP): 0, not absent
+        RATE_LIMITED.labels(rule.rule)
 
     @app.errorhandler(RateLimitExceeded)
     async def too_many(exc: RateLimitExceeded) -> Response:

@@ -33,6 +33,13 @@ HASHING_DURATION = Histogram("kizo_hashing_duration_seconds", "One hash or verif
                                               5.0, 10.0))  # fmt: skip
 
 
+# Labelled series exist from the start (0, not absent), where the label values are known now.
+for _kind in ("deposit", "withdrawal", "transfer"):
+    ACCEPTED.labels(_kind)
+for _op in ("hash", "verify"):
+    HASHING_DURATION.labels(_op)
+
+
 def route() -> str:
     """The matched URL rule (a template, never the raw path: bounded label values)."""
     rule = request.url_rule
