@@ -108,7 +108,9 @@ def _stdlib(out: TextIO, shared: list[Processor], tty: bool, level: int) -> None
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level)
+    # Libraries speak at warning and above: httpx alone logs every request at info, which on
+    # a worker's bank calls or a load generator is noise that costs throughput.
+    root.setLevel(max(level, logging.WARNING))
 
 
 def configured_role() -> str | None:
