@@ -95,6 +95,7 @@ def _print_ready(config: Config, started: list[Child]) -> None:
         f"  Redis       {_redact(config.valkey_url())}",
     ]
     lines += [f"  {c.name:<11} {c.url}" for c in started if c.url]
+    lines.append(f"  metrics     {targets_dir(config.home) / 'up.json'} (Prometheus file_sd)")
     lines.append("  Ctrl-C stops everything")
     say_up("\n".join(lines))
 
