@@ -93,6 +93,10 @@ def configure(role: str, *, stream: TextIO | None = None, level: int = logging.I
     _configured[:] = [role]
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The root handler this module installs (and replaces when configured again)."""
+
+
 def _stdlib(out: TextIO, shared: list[Processor], tty: bool, level: int) -> None:
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
@@ -102,10 +106,10 @@ def _stdlib(out: TextIO, shared: list[Processor], tty: bool, level: int) -> None
             _renderer(tty),
         ],
     )
-    handler = logging.StreamHandler(out)
+    handler = _Handler(out)
     handler.setFormatter(formatter)
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:  # ours, not a test's
         root.removeHandler(old)
     root.addHandler(handler)
     # Libraries speak at warning and above: httpx alone logs every request at info, which on
