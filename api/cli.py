@@ -9,8 +9,9 @@ from infra.config import Config
 
 
 def _configure_api(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, default=None,
-                        help="granian worker processes (1-16; default KIZO_API_WORKERS, 1)")  # fmt: skip
+    parser.add_argument(
+        "--workers", type=int, default=None, help="granian processes (1-16; KIZO_API_WORKERS)"
+    )
 
 
 def _api(config: Config, args: argparse.Namespace) -> int:
