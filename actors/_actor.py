@@ -9,6 +9,7 @@ their jobs, the ledger makes the retry safe) and the actor carries on.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 
+from actors import _metrics as metrics
 from actors._committer import Committer
 from actors.bank_client import BankClient, BankResult
 from engine import Action, Op
@@ -60,14 +62,20 @@ class Actor:
                     return
                 continue
             batch = [first, *await self._more(limits)]
+            metrics.BATCH_SIZE.observe(len(batch))
+            started = time.perf_counter()
             try:
                 await self.registry.settle([m.txn_id for m in batch])
             except Exception as exc:  # the supervisor's job: fail the batch, keep the actor
-                log.warning("batch_failed", account=str(self.account_id), error=repr(exc))
+                metrics.BATCHES_FAILED.inc()
+                log.warning("batch_failed", account=str(self.account_id), messages=len(batch),
+                            error=repr(exc))  # fmt: skip
                 for message in batch:
                     if not message.done.done():
                         message.done.set_exception(exc)
                 continue
+            finally:
+                metrics.BATCH_DURATION.observe(time.perf_counter() - started)
             for message in batch:
                 if not message.done.done():
                     message.done.set_result(None)
@@ -113,6 +121,11 @@ class Registry:
     @property
     def active(self) -> int:
         return len(self._actors)
+
+    def mailboxes(self) -> tuple[int, int]:
+        """Messages waiting in all mailboxes, and in the deepest one (read at scrape time)."""
+        depths = [actor.mailbox.qsize() for actor in list(self._actors.values())]
+        return sum(depths), max(depths, default=0)
 
     def forget(self, actor: Actor) -> None:
         if self._actors.get(actor.account_id) is actor:

@@ -8,12 +8,14 @@ actor. ``flushers`` groups are in flight at once, each on its own pool connectio
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
 import structlog
 
+from actors import _metrics as metrics
 from engine import Op, Outcome, apply_batch
 
 log = structlog.get_logger("kizo.committer")
@@ -69,9 +71,11 @@ class Committer:
 
     async def _flush(self, group: list[_Submission]) -> None:
         ops = [op for item in group for op in item.ops]
+        started = time.perf_counter()
         try:
             outcomes = await apply_batch(self.pool, ops, mutation=self.mutation)
         except Exception as exc:  # every waiter learns the group failed; their jobs retry
+            metrics.GROUPS_FAILED.inc()
             log.warning("group_failed", ops=len(ops), error=repr(exc))
             for item in group:
                 if not item.done.done():
@@ -79,6 +83,9 @@ class Committer:
             return
         self.groups += 1
         self.ops += len(ops)
+        metrics.GROUP_DURATION.observe(time.perf_counter() - started)
+        metrics.GROUP_OPS.observe(len(ops))
+        metrics.record_final(outcomes)
         start = 0
         for item in group:
             if not item.done.done():

@@ -17,11 +17,14 @@ idempotency conflict is a bug on our side, surfaced as ``BankRejected``.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
+
+from actors._metrics import BANK_CALLS, BANK_DURATION
 
 Outcome = Literal["succeeded", "failed", "unknown", "unsent"]
 STATEMENT_PAGE_MAX = 1000
@@ -110,6 +113,20 @@ class BankClient:
     async def _pay(
         self, path: str, key: uuid.UUID, account: uuid.UUID, amount_minor: int, currency: str
     ) -> BankResult:
+        call = "collect" if path == "/collections" else "payout"
+        started = time.perf_counter()
+        outcome = "rejected"  # what a BankRejected leaves
+        try:
+            result = await self._pay_once(path, key, account, amount_minor, currency)
+            outcome = result.outcome
+            return result
+        finally:
+            BANK_CALLS.labels(call, outcome).inc()
+            BANK_DURATION.labels(call).observe(time.perf_counter() - started)
+
+    async def _pay_once(
+        self, path: str, key: uuid.UUID, account: uuid.UUID, amount_minor: int, currency: str
+    ) -> BankResult:
         body = {"account": str(account), "amount_minor": amount_minor, "currency": currency}
         headers = {"Idempotency-Key": str(key)}
         for attempt in range(self.retries_max + 1):
@@ -139,11 +156,14 @@ class BankClient:
 
     async def get_payment(self, key: uuid.UUID) -> BankPayment | None:
         """The bank's record for ``key``; None when the bank never processed it."""
-        response = await self._get(f"/payments/{key}")
+        response = await self._get("payment", f"/payments/{key}")
         if response.status_code == 404:
+            BANK_CALLS.labels("payment", "not_found").inc()
             return None
         if response.status_code != 200:
+            BANK_CALLS.labels("payment", "unavailable").inc()
             raise BankUnavailable(f"GET /payments/{key} answered {response.status_code}")
+        BANK_CALLS.labels("payment", "ok").inc()
         return BankPayment.from_json(response.json())
 
     async def statement(
@@ -153,18 +173,25 @@ class BankClient:
         params: dict[str, str | int] = {"limit": min(limit, STATEMENT_PAGE_MAX)}
         if since is not None:
             params["since"] = since
-        response = await self._get("/statement", params)
+        response = await self._get("statement", "/statement", params)
         if response.status_code != 200:
+            BANK_CALLS.labels("statement", "unavailable").inc()
             raise BankUnavailable(f"GET /statement answered {response.status_code}")
+        BANK_CALLS.labels("statement", "ok").inc()
         body = response.json()
         items = [BankPayment.from_json(item) for item in body["items"]]
         return items, body.get("next_cursor")
 
-    async def _get(self, path: str, params: dict[str, str | int] | None = None) -> httpx.Response:
+    async def _get(self, call: str, path: str, params: dict[str, str | int] | None = None,
+                   ) -> httpx.Response:  # fmt: skip
+        started = time.perf_counter()
         try:
             return await self._http.get(path, params=params)
         except httpx.HTTPError as exc:
+            BANK_CALLS.labels(call, "unavailable").inc()
             raise BankUnavailable(f"GET {path}: {exc.__class__.__name__}") from exc
+        finally:
+            BANK_DURATION.labels(call).observe(time.perf_counter() - started)
 
 
 def _result(response: httpx.Response) -> BankResult:

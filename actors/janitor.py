@@ -30,6 +30,7 @@ import asyncpg
 import redis.exceptions
 import structlog
 
+from actors._metrics import record_final
 from actors.bank_client import BankClient, BankPayment, BankResult, BankUnavailable
 from actors.routing import QueueSet, Routed, actor_account
 from engine import CHECKS, Action, Op, apply_batch, audit
@@ -268,6 +269,7 @@ async def resolve_processing(deps: JanitorDeps, summary: PassSummary) -> None:
                     Op(row["id"], Action.FAIL if deposit else Action.RELEASE, answer.failure_reason)
                 )
     outcomes = await apply_batch(deps.pool, ops)
+    record_final(outcomes)
     summary.resolved = sum(1 for o in outcomes if o.applied)
     summary.unresolved = len(rows) - summary.resolved
 

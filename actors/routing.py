@@ -197,9 +197,11 @@ class Coalescer:
     groups grow by themselves. Each caller awaits its own intent's flush and sees its error.
     """
 
-    def __init__(self, queues: QueueSet, per_job_max: int = SETTLE_MANY_MAX) -> None:
+    def __init__(self, queues: QueueSet, per_job_max: int = SETTLE_MANY_MAX,
+                 on_flush: Callable[[int], None] | None = None) -> None:  # fmt: skip
         self.queues = queues
         self.per_job_max = per_job_max
+        self._on_flush = on_flush  # told each flush's intent count (the API's metrics)
         self._waiting: list[tuple[Routed, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self.flushes = 0
@@ -241,6 +243,8 @@ class Coalescer:
             error = exc
         self.flushes += 1
         self.intents += len(items)
+        if self._on_flush is not None:
+            self._on_flush(len(items))
         for _, done in batch:
             if done.done():  # the caller went away (client disconnected): nothing to tell
                 continue

@@ -15,17 +15,20 @@ import asyncio
 import logging
 import signal
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from prometheus_client import Gauge, start_http_server
+from prometheus_client import REGISTRY, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from saq import Worker
 from saq.types import Context, PartialTimersDict
 
 from actors._actor import Limits, Registry
 from actors._committer import Committer
+from actors._metrics import SHARDS_OWNED
 from actors.bank_client import BankClient
 from actors.routing import SETTLE_JOB, SETTLE_MANY_JOB, QueueSet
 from infra.config import MUTATION_HELP, Config
@@ -40,7 +43,6 @@ SHUTDOWN_GRACE_S = 3
 SHARD_CONCURRENCY_MIN = 20
 SWEEP_INTERVAL_S = 5
 UPKEEP_CONNECTIONS = 8
-SHARDS_OWNED = Gauge("kizo_worker_shards_owned", "Shards this worker consumes")
 DEQUEUE_TIMEOUT_S = 1.0
 # Longer than a blocking dequeue (DEQUEUE_TIMEOUT_S), which waits on its socket.
 WORKER_REDIS_SOCKET_TIMEOUT_S = 10.0
@@ -62,6 +64,8 @@ def owned_shards(total: int, index: int, of: int) -> list[int]:
 
 async def _settle_many(ctx: SettleContext, *, items: list[list[str]]) -> None:
     registry = ctx["registry"]
+    # SAQ runs each job in a task of its own: what is bound here stays with this job.
+    structlog.contextvars.bind_contextvars(job_id=ctx["job"].key)
     # At most SETTLE_MANY_MAX items, each waiting on its actor's bounded mailbox (not a pool):
     # the committer's flushers are what use the database pool.
     await asyncio.gather(
@@ -75,6 +79,7 @@ class SettleContext(Context, total=False):
 
 async def _settle(ctx: SettleContext, *, txn_id: str, account_id: str) -> None:
     registry = ctx["registry"]
+    structlog.contextvars.bind_contextvars(job_id=ctx["job"].key, txn_id=txn_id)
     await registry.submit(uuid.UUID(account_id), uuid.UUID(txn_id))
 
 
@@ -134,6 +139,7 @@ async def run_worker(config: Config, spec: WorkerSpec, stop: asyncio.Event) -> N
             if spec.metrics_port:
                 await redis.ping()  # the pool proved PostgreSQL; serve only once Redis answers
                 SHARDS_OWNED.set(len(spec.shards))
+                REGISTRY.register(_ActorsCollector(registry))
                 # A daemon thread: it ends with the process, which ends when this returns.
                 start_http_server(spec.metrics_port, addr=config.host)
             await stop.wait()
@@ -148,6 +154,23 @@ async def run_worker(config: Config, spec: WorkerSpec, stop: asyncio.Event) -> N
         await redis.aclose()
         await pool.close()
         log.info("worker_stopped")
+
+
+class _ActorsCollector(Collector):
+    """The actors and their mailboxes, read when Prometheus scrapes (from the metrics thread:
+    a racy read of sizes is fine for a gauge)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        messages, deepest = self.registry.mailboxes()
+        yield GaugeMetricFamily("kizo_actors_active", "Account actors alive",
+                                value=self.registry.active)  # fmt: skip
+        yield GaugeMetricFamily("kizo_actor_mailbox_messages", "Messages in all mailboxes",
+                                value=messages)  # fmt: skip
+        yield GaugeMetricFamily("kizo_actor_mailbox_depth_max", "The deepest mailbox",
+                                value=deepest)  # fmt: skip
 
 
 class _Stopped(Exception):

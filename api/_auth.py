@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.asyncio import Redis
 
+from api import _metrics as metrics
 from api._hashing import HashingUnavailable, HashWorker
 from api._problems import Problem
 from infra.config import DEV_PEPPER, PEPPER_CHARS_MIN, AuthConfig, ConfigError
@@ -71,7 +72,8 @@ class Passwords:
         args = (config.argon2_memory_kib, config.argon2_time_cost, config.argon2_parallelism)
         self._holding = 0  # requests in flight that outrank hashing
         hold_s = config.hash_hold_ms / 1000
-        self._workers = [HashWorker(*args, config.hash_duty_pct, self._held, hold_s)
+        self._workers = [HashWorker(*args, config.hash_duty_pct, self._held, hold_s,
+                                    metrics.HASHING_PAUSES.inc)
                          for _ in range(config.hash_processes)]  # fmt: skip
         self._idle: asyncio.Queue[HashWorker] = asyncio.Queue()
         for worker in self._workers:
@@ -87,16 +89,23 @@ class Passwords:
         ).decode()
 
     async def _exchange(self, request: str) -> str:
-        worker = await self._idle.get()
+        metrics.HASHING_QUEUE.inc()
+        try:
+            worker = await self._idle.get()
+        finally:
+            metrics.HASHING_QUEUE.dec()
+        metrics.HASHING_BUSY.inc()
         try:
             return await worker.call(request)
         finally:
+            metrics.HASHING_BUSY.dec()
             self._idle.put_nowait(worker)
 
     async def _run(self, request: str) -> str:
         busy = Problem(503, "Busy", "too many sign-ins at once, retry shortly",
                        headers={"Retry-After": "1"})  # fmt: skip
         if self._slots.locked():
+            metrics.HASHING_REJECTED.inc()
             raise busy
         async with self._slots:
             # Shielded: a request cancelled mid-hash (the client went away) must not leave a
@@ -131,12 +140,14 @@ class Passwords:
         await asyncio.gather(*(w.start() for w in self._workers))
 
     async def hash(self, password: str) -> str:
-        return await self._run(f"h\t{self._peppered(password)}")
+        with metrics.HASHING_DURATION.labels("hash").time():
+            return await self._run(f"h\t{self._peppered(password)}")
 
     async def verify(self, stored: str | None, password: str) -> bool:
         if stored is not None and ("\t" in stored or "\n" in stored):
             stored = None  # not an Argon2 hash: verify the dummy, and fail
-        ok = await self._run(f"v\t{stored or self._dummy}\t{self._peppered(password)}")
+        with metrics.HASHING_DURATION.labels("verify").time():
+            ok = await self._run(f"v\t{stored or self._dummy}\t{self._peppered(password)}")
         return ok == "1" and stored is not None
 
     async def aclose(self) -> None:

@@ -11,6 +11,7 @@ from quart import Quart, Response, request
 from quart_rate_limiter import RateLimit, RateLimiter, RateLimitExceeded, rate_limit
 from quart_rate_limiter.redis_store import RedisStore
 
+from api._metrics import RATE_LIMITED, route
 from api._problems import Problem
 from api.routes import PAYMENTS, SIGNIN, SIGNUP
 from infra.config import PoolsConfig, RateLimitConfig
@@ -86,9 +87,12 @@ def install(app: Quart, limits: RateLimitConfig, pools: PoolsConfig, redis_url: 
     limit(SIGNUP, RateLimit(limits.signup_per_ip, MINUTE, ip_key))
     for endpoint in PAYMENTS:
         limit(endpoint, RateLimit(limits.payments_per_user, MINUTE, user_key))
+    for rule in app.url_map.iter_rules():  # every route is limited (per IP): 0, not absent
+        RATE_LIMITED.labels(rule.rule)
 
     @app.errorhandler(RateLimitExceeded)
     async def too_many(exc: RateLimitExceeded) -> Response:
+        RATE_LIMITED.labels(route()).inc()
         return Problem(
             429,
             "Too many requests",

@@ -49,7 +49,9 @@ class HashWorker:
     """
 
     def __init__(self, memory_kib: int, time_cost: int, parallelism: int, duty_pct: int,
-                 held: Callable[[], bool], hold_max_s: float) -> None:  # fmt: skip
+                 held: Callable[[], bool], hold_max_s: float,
+                 on_pause: Callable[[], None] | None = None) -> None:  # fmt: skip
+        self._on_pause = on_pause  # told of each pause (the API's metrics)
         self._argv = [str(v) for v in (memory_kib, time_cost, parallelism, duty_pct)]
         self._proc: asyncio.subprocess.Process | None = None
         self._held = held
@@ -109,6 +111,8 @@ class HashWorker:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGSTOP)
             self._paused_at = time.monotonic()
+            if self._on_pause is not None:
+                self._on_pause()
             self._deadline = asyncio.get_running_loop().call_later(left_s, self.resume)
 
     def resume(self) -> None:

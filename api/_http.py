@@ -15,6 +15,7 @@ from api import _service as svc
 from api._auth import Claims, KeyRing, WrongKeyringKey
 from api._problems import Problem
 from api._state import state
+from infra import logs
 
 log = structlog.get_logger("kizo.api")
 
@@ -70,6 +71,7 @@ async def authenticate() -> tuple[Claims, svc.User]:
         raise Problem(401, "Unauthorized", "a Bearer access token is required",
                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
     claims = (await keyring()).verify(header[7:])
+    logs.bind(user_id=str(claims.user_id))
     return claims, await svc.get_user(state().pool, claims.user_id)
 
 

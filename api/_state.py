@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import cast
 
 import asyncpg
-from prometheus_client import CollectorRegistry, Counter
 from quart import current_app
 from redis.asyncio import Redis
 
@@ -29,8 +28,6 @@ class State:
     refresh: RefreshTokens
     keys: KeyRing
     keys_loaded_at: float
-    registry: CollectorRegistry
-    enqueue_failures: Counter
 
 
 def state() -> State:

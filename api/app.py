@@ -7,17 +7,15 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import redis.exceptions
 import structlog
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 from quart import Quart, Response, g, request
 
 from actors import Coalescer, QueueSet
+from api import _metrics as metrics
 from api import _service as svc
 from api._auth import Passwords, RefreshTokens, ensure_key, require_secrets
 from api._edges import cors, install, ip_key
@@ -27,6 +25,7 @@ from api._problems import Problem, from_ledger
 from api._state import STATE_KEY, State, state
 from api.routes import BLUEPRINTS
 from engine import LedgerError
+from infra import logs
 from infra.config import Config
 from infra.db import create_pool, redis_client
 
@@ -57,10 +56,13 @@ REDIS_TIMEOUT_S = 2.0
 def create_app(config: Config | None = None) -> Quart:
     config = config or Config.from_env()
     require_secrets(config.auth)  # `kizo api` said so in one line already; this guards the rest
+    if logs.configured_role() is None:  # a granian worker that was not forked from `kizo api`
+        logs.configure("api")
     app = Quart("kizo-api", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = BODY_MAX_BYTES
     lifecycle(app, config)
     request_hooks(app)
+    metrics.instrument(app)  # before the rate limiter's hook: its 429s are timed too
     error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
@@ -91,10 +93,8 @@ def lifecycle(app: Quart, config: Config) -> None:
         redis = redis_client(config.valkey_url(), connections_max=pools.api_redis_connections_max,
                              wait_s=pools.wait_s, socket_timeout_s=REDIS_TIMEOUT_S,
                              connect_timeout_s=pools.redis_connect_timeout_s)  # fmt: skip
-        registry = CollectorRegistry()
         queues = QueueSet(redis, config.pipeline.shards, pools.enqueue_concurrency_max)
-        coalescer = Coalescer(queues)
-        registry.register(_CoalescerCollector(coalescer))
+        coalescer = Coalescer(queues, on_flush=metrics.enqueue_flushed)
         passwords = Passwords(config.auth)
         try:
             await passwords.warm_up()
@@ -104,9 +104,7 @@ def lifecycle(app: Quart, config: Config) -> None:
             config, pool, redis, coalescer, asyncio.create_task(coalescer.run()),
             passwords,
             RefreshTokens(redis, config.auth.refresh_ttl_s), keys,
-            time.monotonic(), registry,
-            Counter("kizo_api_enqueue_failures_total", "Enqueues that failed (outbox relays)",
-                    registry=registry),
+            time.monotonic(),
         )  # fmt: skip
 
     @app.after_serving
@@ -129,6 +127,10 @@ def request_hooks(app: Quart) -> None:
             if VISIBLE_ASCII.fullmatch(incoming) and len(incoming) <= REQUEST_ID_MAX
             else str(uuid.uuid4())
         )
+        # Every event of this request carries its id (and, once known, its user and
+        # transaction): a request runs in a task of its own, with its own context.
+        structlog.contextvars.clear_contextvars()
+        logs.bind(request_id=g.request_id)
 
     @app.after_request
     async def headers(response: Response) -> Response:
@@ -164,7 +166,7 @@ def error_handlers(app: Quart) -> None:
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
-        log.error("unhandled", error=repr(exc), request_id=g.get("request_id"))
+        log.error("unhandled", error=repr(exc))
         return Problem(
             500, "Internal error", "something went wrong; nothing was changed"
         ).response()
@@ -173,7 +175,7 @@ def error_handlers(app: Quart) -> None:
 async def _unavailable(exc: Exception) -> Response:
     # The connection died mid-request: a payment's commit may or may not have landed, so
     # the client is told to retry with the same key, which replays it if it did.
-    log.warning("backend_unavailable", error=repr(exc), request_id=g.get("request_id"))
+    log.warning("backend_unavailable", error=repr(exc))
     return Problem(503, "Service unavailable",
                    "a backing service did not answer; a payment may or may not have been "
                    "recorded: retry with the same Idempotency-Key",
@@ -187,19 +189,6 @@ async def user_key() -> str:
         return f"user:{(await keyring()).verify(header[7:]).user_id}"
     except Problem:
         return await ip_key()
-
-
-class _CoalescerCollector(Collector):
-    """How many SAQ enqueues the API made and how many intents they carried."""
-
-    def __init__(self, coalescer: Coalescer) -> None:
-        self.coalescer = coalescer
-
-    def collect(self) -> Iterable[Metric]:
-        yield CounterMetricFamily("kizo_api_enqueue_flushes", "SAQ enqueue round trips of the API",
-                                  value=self.coalescer.flushes)  # fmt: skip
-        yield CounterMetricFamily("kizo_api_enqueued_intents", "Intents enqueued by the API",
-                                  value=self.coalescer.intents)  # fmt: skip
 
 
 def _status_handler(status: int, title: str) -> Callable[[Exception], Awaitable[Response]]:

@@ -9,18 +9,26 @@ from infra.config import Config
 
 
 def _configure_api(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, default=1, help="granian worker processes (1-16)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="granian processes (1-16; KIZO_API_WORKERS)"
+    )
 
 
 def _api(config: Config, args: argparse.Namespace) -> int:
+    from infra.metrics import use_multiprocess_dir
+
+    workers = config.api_workers if args.workers is None else args.workers
+    if not 1 <= workers <= 16:
+        raise UsageError("--workers must be between 1 and 16")
+    # Before anything imports prometheus_client: granian's worker processes (however many)
+    # write their metrics there, and /metrics, whichever worker answers, sums them all.
+    use_multiprocess_dir(config.home / "metrics" / f"api-{config.api_port}")
     from api._auth import require_secrets
     from infra.serve import serve_asgi
 
-    if not 1 <= args.workers <= 16:
-        raise UsageError("--workers must be between 1 and 16")
     require_secrets(config.auth)
     _open_keyring(config)  # a wrong KIZO_KEYRING_KEY is one line here, not a trace per worker
-    serve_asgi("api.app:create_app", config.host, config.api_port, workers=args.workers)
+    serve_asgi("api.app:create_app", config.host, config.api_port, workers=workers)
     return 0
 
 

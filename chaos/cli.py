@@ -32,7 +32,10 @@ from infra.commands import Command, UsageError, bounded_int
 from infra.config import MUTATIONS, Config
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from chaos.bank_workload import WorkloadParams
+    from chaos.metrics import RunnerMetrics
     from chaos.report import Probe
     from chaos.scenario import Scenario
     from infra.system import System
@@ -78,7 +81,7 @@ def _chaos(_config: Config, args: argparse.Namespace) -> int:
     if args.all or args.seeds is not None:
         from chaos import matrix
 
-        return matrix.main(args, args.out or RUNS_DIR)
+        return matrix.main(args, args.out or RUNS_DIR, _config.home)
     scenario = None
     if args.what == "run":
         if not args.scenario:
@@ -95,7 +98,8 @@ def _chaos(_config: Config, args: argparse.Namespace) -> int:
                                 ops_per_process=args.ops, seed=args.seed)  # fmt: skip
     named = None if scenario is None else scenario.name
     out = args.out or report_dir(RUNS_DIR, named, args.seed, args.mutation)
-    report = run(params, scenario, args.seed, args.mutation, out)
+    report = run(params, scenario, args.seed, args.mutation, out, _config.home,
+                 _config.chaos_metrics_port)  # fmt: skip
     print(json.dumps(report) if args.json else text(report))
     return 1 if failed(report) else 0
 
@@ -113,13 +117,18 @@ def report_dir(base: Path, scenario: str | None, seed: int, mutation: str | None
     return run_dir(base, scenario, seed, mutation)
 
 
-def run(params: WorkloadParams, scenario: Scenario | None, seed: int,
-        mutation: str = "", out: Path | None = None) -> dict[str, Any]:  # fmt: skip
+def run(params: WorkloadParams, scenario: Scenario | None, seed: int, mutation: str = "",
+        out: Path | None = None, home: Path | None = None,
+        metrics_port: int = 0) -> dict[str, Any]:  # fmt: skip
     """One whole run on a scratch system; the report (also written to ``out``, with its
-    chart, when given)."""
+    chart, when given). The runner serves its metrics on ``metrics_port`` (0: a free one)
+    meanwhile, listed with the system's in ``home``'s Prometheus targets when given
+    (chaos.metrics)."""
     import trio
 
     from chaos import report as journal
+    from chaos.metrics import serving
+    from infra.processes import metrics_targets
     from infra.system import scratch_system
 
     overrides = dict(CHAOS_OVERRIDES)
@@ -127,10 +136,13 @@ def run(params: WorkloadParams, scenario: Scenario | None, seed: int,
         overrides["KIZO_MUTATION"] = mutation
     if scenario is not None:
         overrides.update(scenario.configuration)
-    with scratch_system(overrides, behind_proxy=scenario is not None) as system:
+    with scratch_system(overrides, behind_proxy=scenario is not None) as system, serving(
+        scenario.name if scenario else None, len(scenario.method) if scenario else 0,
+        system.config.host, metrics_port, home, metrics_targets([c for c, _ in system.procs]),
+    ) as runner:  # fmt: skip
         probe = journal.Probe(system)
         try:
-            report = trio.run(_execute, system, params, scenario, seed, probe)
+            report = trio.run(_execute, system, params, scenario, seed, probe, runner)
         finally:
             probe.stop()
     report = {"seed": seed, "mutation": mutation or None, **report}
@@ -139,7 +151,8 @@ def run(params: WorkloadParams, scenario: Scenario | None, seed: int,
 
 
 async def _execute(system: System, params: WorkloadParams, scenario: Scenario | None,
-                   seed: int, probe: Probe) -> dict[str, Any]:  # fmt: skip
+                   seed: int, probe: Probe,
+                   runner: RunnerMetrics | None = None) -> dict[str, Any]:  # fmt: skip
     import httpx
     import trio
 
@@ -149,7 +162,8 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
     from chaos.scenario import Timeline
 
     prober = Prober(system.api_url, system.bank_url, system.database_url)
-    timeline = Timeline(system.proxy_url, system.bank_url, seed, system.control, prober)
+    timeline = Timeline(system.proxy_url, system.bank_url, seed, system.control, prober,
+                        observe=runner.observe if runner is not None else None)  # fmt: skip
     hypothesis: dict[str, Any] = {}
 
     async def faults() -> None:

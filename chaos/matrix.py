@@ -35,7 +35,7 @@ def parse_seeds(raw: str | None) -> list[int]:
     return seeds
 
 
-def main(args: argparse.Namespace, out: Path) -> int:
+def main(args: argparse.Namespace, out: Path, home: Path | None = None) -> int:
     if not args.all:
         raise UsageError("--seeds goes with kizo chaos run --all")
     if args.what != "run" or args.scenario:
@@ -47,7 +47,7 @@ def main(args: argparse.Namespace, out: Path) -> int:
     rows = []
     for name in scenarios.names():
         for seed in seeds:
-            rows.append(run_one(name, seed, args.mutation, out))
+            rows.append(run_one(name, seed, args.mutation, out, home))
             if not args.json:
                 print(format_row(rows[-1]), flush=True)
     summary = {"seeds": seeds, "mutation": args.mutation or None,
@@ -63,7 +63,8 @@ def main(args: argparse.Namespace, out: Path) -> int:
     return 1 if any(r["verdict"] != "pass" for r in rows) else 0
 
 
-def run_one(name: str, seed: int, mutation: str, out: Path) -> dict[str, Any]:
+def run_one(name: str, seed: int, mutation: str, out: Path,
+            home: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """One run; a run that could not be made at all (its system did not start, ...) is a row
     whose verdict says why, and the matrix goes on."""
     from chaos import cli
@@ -72,7 +73,7 @@ def run_one(name: str, seed: int, mutation: str, out: Path) -> dict[str, Any]:
     try:
         scenario = scenarios.load(name, seed)
         report = cli.run(scenario.workload, scenario, seed, mutation,
-                         cli.report_dir(out, name, seed, mutation))  # fmt: skip
+                         cli.report_dir(out, name, seed, mutation), home)  # fmt: skip
     except Exception as exc:  # the matrix outlives one broken run, and names it
         first_line = (str(exc).splitlines() or [""])[0][:120]
         return {"scenario": name, "seed": seed, "ops": None, "violations": None,

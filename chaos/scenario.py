@@ -59,7 +59,7 @@ from __future__ import annotations
 import itertools
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -297,6 +297,7 @@ class Timeline:
     rolled_back: list[dict[str, Any]] = field(default_factory=list)
     down: set[str] = field(default_factory=set)  # killed and not restarted yet
     paused: set[str] = field(default_factory=set)  # stopped (SIGSTOP) and not resumed yet
+    observe: Callable[[Step, int | str], None] | None = None  # told each step (chaos.metrics)
 
     async def run(self, steps: Sequence[Step], started: float) -> None:
         async with httpx.AsyncClient(timeout=10) as http:
@@ -314,6 +315,8 @@ class Timeline:
                     "step": step.describe(),
                     "status": status,
                 })  # fmt: skip
+                if self.observe is not None:
+                    self.observe(step, status)
 
     def failures(self, steps: Sequence[Step]) -> list[str]:
         """Why the run cannot count: each step skipped, late or refused."""

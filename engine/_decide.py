@@ -107,6 +107,10 @@ class Outcome:
     applied: bool
     status: str
     failure_reason: str | None = None
+    # Set by apply_batch on an op that made its intent final: its kind, and its age then
+    # (accepted -> final, by PostgreSQL's clock), for the settlement-lag metric. Not identity.
+    kind: str = field(default="", compare=False)
+    age_s: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,16 @@ concurrency control: no SERIALIZABLE retry storm on a hot row.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 import asyncpg
 
 from engine._decide import (
+    FINAL_STATES,
     ROW_LOCKS_OFF,
     Balance,
     Decision,
@@ -38,7 +40,8 @@ T = TypeVar("T")
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
 _LOCK_INTENTS = """
-SELECT id, kind, status, source_id, dest_id, amount_minor
+SELECT id, kind, status, source_id, dest_id, amount_minor,
+       extract(epoch FROM clock_timestamp() - created_at)::float8 AS age_s
 FROM transactions WHERE id = ANY($1::uuid[])
 ORDER BY id FOR NO KEY UPDATE
 """
@@ -110,6 +113,7 @@ async def _apply_once(conn: Conn, ops: Sequence[Op], mutation: str) -> Decision:
     locked = mutation != ROW_LOCKS_OFF
     async with conn.transaction():
         txn_ids = sorted({op.txn_id for op in ops})
+        rows = await conn.fetch(_LOCK_INTENTS if locked else _READ_INTENTS, txn_ids)
         intents = {
             row["id"]: Intent(
                 row["id"],
@@ -119,7 +123,7 @@ async def _apply_once(conn: Conn, ops: Sequence[Op], mutation: str) -> Decision:
                 row["dest_id"],
                 row["amount_minor"],
             )
-            for row in await conn.fetch(_LOCK_INTENTS if locked else _READ_INTENTS, txn_ids)
+            for row in rows
         }
         account_ids = sorted({a for i in intents.values() for a in (i.source_id, i.dest_id)})
         balances = {
@@ -133,7 +137,18 @@ async def _apply_once(conn: Conn, ops: Sequence[Op], mutation: str) -> Decision:
         decision = decide(ops, intents, balances, mutation)
         if decision.changes:
             await _write(conn, decision)
+        ages = {row["id"]: row["age_s"] for row in rows}
+        decision.outcomes[:] = [_aged(o, intents, ages) for o in decision.outcomes]
         return decision
+
+
+def _aged(outcome: Outcome, intents: Mapping[uuid.UUID, Intent],
+          ages: Mapping[uuid.UUID, float]) -> Outcome:  # fmt: skip
+    """The outcome with its intent's kind and age when the op made the intent final."""
+    if not outcome.applied or outcome.status not in FINAL_STATES:
+        return outcome
+    return dataclasses.replace(outcome, kind=intents[outcome.txn_id].kind,
+                               age_s=ages[outcome.txn_id])  # fmt: skip
 
 
 def _collapse(changes: Sequence[StateChange]) -> list[tuple[uuid.UUID, str, str, str | None, bool]]:

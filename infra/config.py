@@ -272,9 +272,11 @@ class Config:
     api_port: int = 8000
     bank_port: int = 8100
     proxy_api_port: int = 8474
+    chaos_metrics_port: int = 0  # `kizo chaos run` serves /metrics here; 0: a free port
     proxy_file: str = ""  # the fault proxy's proxies: "" the shipped file, "none" no proxies
     bank_url_override: str | None = None  # KIZO_BANK_URL: where workers reach the bank
     workers: int = 1
+    api_workers: int = 1  # granian worker processes of `kizo api`
     pg_fsync: bool = True
     # A deliberately broken build, for showing that the chaos checker catches one. Honoured
     # only inside a scratch system (any other process refuses to start with it); every process
@@ -392,9 +394,11 @@ class Config:
             api_port=_int(env, "KIZO_API_PORT", 8000, low=1, high=65535),
             bank_port=_int(env, "KIZO_BANK_PORT", 8100, low=1, high=65535),
             proxy_api_port=_int(env, "KIZO_PROXY_API_PORT", 8474, low=1, high=65535),
+            chaos_metrics_port=_int(env, "KIZO_CHAOS_METRICS_PORT", 0, low=0, high=65535),
             proxy_file=_str(env, "KIZO_PROXY_FILE", ""),
             bank_url_override=_http_url(env, "KIZO_BANK_URL"),
             workers=_int(env, "KIZO_WORKERS", 1, low=1, high=64),
+            api_workers=_int(env, "KIZO_API_WORKERS", 1, low=1, high=16),
             pg_fsync=_str(env, "KIZO_PG_FSYNC", "on").lower() not in {"off", "0", "false", "no"},
             ledger=ledger,
             pipeline=pipeline,

@@ -20,6 +20,7 @@ import asyncpg
 
 from engine import ensure_system_accounts
 from infra.config import Config
+from infra.metrics import Target
 from infra.migrate import migrate
 from infra.readiness import http_probe, wait_ready
 from infra.servers import EmbeddedPostgres, EmbeddedValkey, die_with_parent, stop_process
@@ -38,6 +39,11 @@ class Child:
     args: Sequence[str]
     health_url: str
     url: str | None = None
+    metrics: str = ""  # host:port of its /metrics, for Prometheus (infra.metrics file_sd)
+
+    @property
+    def role(self) -> str:
+        return self.name.split("-", 1)[0]
 
 
 def children(config: Config) -> list[Child]:
@@ -52,20 +58,26 @@ def children(config: Config) -> list[Child]:
     api = f"http://{host}:{config.api_port}"
     return [
         # Toxiproxy's API has no health route; its version answers once it serves.
-        Child("proxy", ["proxy"], f"{proxy}/version", proxy),
-        Child("bank", ["bank"], f"{bank}/health", bank),
+        Child("proxy", ["proxy"], f"{proxy}/version", proxy, f"{host}:{config.proxy_api_port}"),
+        Child("bank", ["bank"], f"{bank}/health", bank, f"{host}:{config.bank_port}"),
         # Each worker serves its metrics on a port of its own: the base plus its index.
         *(_worker(host, i, workers, config.pipeline.worker_metrics_port + i)
           for i in range(workers)),
-        Child("janitor", ["janitor"], janitor, janitor),
-        Child("api", ["api"], f"{api}/health", f"{api}/api/v1"),
+        Child("janitor", ["janitor"], janitor, janitor,
+              f"{host}:{config.pipeline.janitor_metrics_port}"),
+        Child("api", ["api"], f"{api}/health", f"{api}/api/v1", f"{host}:{config.api_port}"),
     ]  # fmt: skip
+
+
+def metrics_targets(started: Sequence[Child]) -> list[Target]:
+    """What Prometheus should scrape of these children (see docs/observability.md)."""
+    return [Target(c.role, c.name, c.metrics) for c in started if c.metrics]
 
 
 def _worker(host: str, index: int, of: int, port: int) -> Child:
     args = ["worker", "--index", str(index), "--of", str(of), "--metrics-port", str(port)]
     metrics = f"http://{host}:{port}/metrics"
-    return Child(f"worker-{index}", args, metrics, metrics)
+    return Child(f"worker-{index}", args, metrics, metrics, f"{host}:{port}")
 
 
 def say_up(message: str) -> None:

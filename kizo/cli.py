@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
+    from infra import logs
+
+    logs.configure(args.command)  # JSON on stderr (a console rendering on a terminal)
     try:
         config = Config.from_env(os.environ)
         return int(args.handler(config, args))

@@ -20,10 +20,12 @@ from contextlib import ExitStack
 from infra.commands import Command
 from infra.config import Config
 from infra.devsecrets import up_env
+from infra.metrics import remove_targets, targets_dir, write_targets
 from infra.processes import (
     POLL_S,
     Child,
     children,
+    metrics_targets,
     prepare_database,
     say_up,
     start_child,
@@ -45,7 +47,9 @@ def run_up(config: Config, *, exit_after_ready: bool = False) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
     procs: list[tuple[Child, subprocess.Popen[bytes]]] = []
+    targets = targets_dir(config.home) / "up.json"
     with ExitStack() as stack:
+        stack.callback(remove_targets, targets)
         try:
             secrets_env = up_env(config)  # infra/devsecrets.py: never a known pepper or no key
             config = start_servers(config, stack)
@@ -56,6 +60,8 @@ def run_up(config: Config, *, exit_after_ready: bool = False) -> int:
             for child in children(config):
                 say_up(f"starting {child.name}")
                 procs.append((child, start_child(child, env)))
+            # Prometheus finds every child through this file (file_sd), removed at the end.
+            write_targets(targets, metrics_targets([c for c, _ in procs]), "up")
             _print_ready(config, [c for c, _ in procs])
             if exit_after_ready:
                 return 0
@@ -89,6 +95,7 @@ def _print_ready(config: Config, started: list[Child]) -> None:
         f"  Redis       {_redact(config.valkey_url())}",
     ]
     lines += [f"  {c.name:<11} {c.url}" for c in started if c.url]
+    lines.append(f"  metrics     {targets_dir(config.home) / 'up.json'} (Prometheus file_sd)")
     lines.append("  Ctrl-C stops everything")
     say_up("\n".join(lines))
 

@@ -271,6 +271,11 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         _deposit_settles_end_to_end(f"http://127.0.0.1:{env['KIZO_API_PORT']}")
         worker = httpx.get(f"http://127.0.0.1:{env['KIZO_WORKER_METRICS_PORT']}/metrics", timeout=5)
         assert "kizo_worker_shards_owned 8.0" in worker.text
+        up_targets = Path(home) / "prometheus" / "targets" / "up.json"  # Prometheus's file_sd
+        listed = {g["labels"]["process"]: g["targets"][0]
+                  for g in json.loads(up_targets.read_text())}  # fmt: skip
+        assert listed.keys() == {"proxy", "bank", "worker-0", "janitor", "api"}
+        assert listed["worker-0"] == f"127.0.0.1:{env['KIZO_WORKER_METRICS_PORT']}"
         for secret in ("pepper", "keyring-key"):  # made by kizo up, readable by its user only
             assert stat.S_IMODE((Path(home) / secret).stat().st_mode) == 0o600
         _valkey_answers_through_the_fault_proxy(env)
@@ -280,6 +285,7 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         assert "valkey" in names
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
+        assert not up_targets.exists()  # a stopped system is no target
     finally:
         if proc.poll() is None:
             proc.kill()

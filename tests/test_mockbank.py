@@ -4,6 +4,7 @@ idempotent payments, the statement, faults, bad input, the fault CLI, a clean st
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -571,7 +572,7 @@ def test_metrics_count_payments_by_kind_and_status(bank: Bank) -> None:
     )
 
 
-def test_logs_are_structured_key_value_lines(bank: Bank) -> None:
+def test_logs_are_structured_json_lines(bank: Bank) -> None:
     key = _new()
     _pay(bank, "/payouts", key, _new(), 1)
     deadline = time.monotonic() + 5
@@ -581,8 +582,8 @@ def test_logs_are_structured_key_value_lines(bank: Bank) -> None:
             break
         time.sleep(0.05)
     assert len(lines) == 1
-    assert "event='bank_payment'" in lines[0]
-    assert "level='info'" in lines[0]
+    event = json.loads(lines[0])  # one JSON object per event, like every Kizo process
+    assert (event["event"], event["level"], event["process"]) == ("bank_payment", "info", "bank")
     assert "Traceback" not in bank.log_path.read_text()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import structlog
 from quart import Response
 
 from api import _service as svc
@@ -12,8 +13,10 @@ from api._models import RefreshBody, Signin, Signup
 from api._openapi import Operation, Resource, SignupOut, TokenPair
 from api._problems import Problem
 from api._state import state
+from infra import logs
 
 bp = Resource("auth", __name__, "/api/v1/auth")
+log = structlog.get_logger("kizo.api")
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,189}\.[^@\s]{2,}$")
 
 
@@ -32,6 +35,8 @@ async def signup() -> Response:
     password_hash = await s.passwords.hash(body.password)
     user = await svc.create_user(s.pool, body.email, body.name, password_hash,
                                  s.config.ledger.currency)  # fmt: skip
+    logs.bind(user_id=str(user.id))
+    log.info("signed_up")
     return json_response({"user": user.as_json(), **await tokens(user)}, 201)
 
 
@@ -41,7 +46,10 @@ async def signin() -> Response:
     body = await read_body(Signin)
     user, stored = await svc.find_login(state().pool, body.email)
     if not await state().passwords.verify(stored, body.password) or user is None:
+        log.info("sign_in_refused", known_email=user is not None)
         raise Problem(401, "Unauthorized", "wrong email or password")
+    logs.bind(user_id=str(user.id))
+    log.info("signed_in")
     return json_response(await tokens(user))
 
 
@@ -50,7 +58,9 @@ async def signin() -> Response:
 async def refresh() -> Response:
     body = await read_body(RefreshBody)
     user_id, new_token = await state().refresh.rotate(body.refresh_token)
+    logs.bind(user_id=str(user_id))
     user = await svc.get_user(state().pool, user_id)
+    log.info("tokens_refreshed")
     return json_response(await tokens(user, new_token))
 
 
@@ -59,4 +69,5 @@ async def refresh() -> Response:
 async def logout() -> Response:
     body = await read_body(RefreshBody)
     await state().refresh.revoke(body.refresh_token)
+    log.info("signed_out")
     return Response(status=204)

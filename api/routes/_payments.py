@@ -6,6 +6,7 @@ import structlog
 from quart import Response, request
 
 from actors import Routed, actor_account
+from api import _metrics as metrics
 from api import _service as svc
 from api._http import VISIBLE_ASCII, authenticate, json_response, read_body
 from api._models import Amount, TransferBody
@@ -13,6 +14,7 @@ from api._openapi import Operation, Resource, TransactionOut
 from api._problems import Problem
 from api._state import State, state
 from engine import Transaction
+from infra import logs
 
 bp = Resource("payments", __name__, "/api/v1/payments")
 log = structlog.get_logger("kizo.api")
@@ -45,8 +47,13 @@ async def _payment(kind: str, model: type[Amount]) -> Response:
         s.config.ledger.amount_max_minor,
         record_key=s.config.mutation != "idempotency_off",
     )
-    if stored.txn is not None:
+    if stored.txn is not None:  # a new intent (a replay carries none)
+        logs.bind(txn_id=str(stored.txn.id))
+        metrics.accepted(kind)
+        log.info("payment_accepted", kind=kind, amount_minor=stored.txn.amount_minor)
         await _enqueue(s, stored.txn)
+    elif stored.replayed:
+        log.info("payment_replayed", kind=kind, status=stored.status)
     headers = {"Idempotent-Replayed": "true"} if stored.replayed else {}
     return json_response(stored.body, stored.status, headers)
 
@@ -58,8 +65,8 @@ async def _enqueue(s: State, txn: Transaction) -> None:
         await s.coalescer.enqueue(Routed(txn.id, actor_account(txn.kind, txn.source_id,
                                                                txn.dest_id)))  # fmt: skip
     except Exception as exc:  # Redis down, timeouts, SAQ errors: the outbox covers them all
-        s.enqueue_failures.inc()
-        log.warning("enqueue_failed", txn=str(txn.id), error=repr(exc))
+        metrics.ENQUEUE_FAILURES.inc()
+        log.warning("enqueue_failed", error=repr(exc))
 
 
 @bp.operation("POST", "/deposit", Operation("Deposit from the bank", 202, TransactionOut, Amount,

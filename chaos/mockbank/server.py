@@ -8,9 +8,7 @@ and SIGINT stop the server gracefully; the stop is bounded, then the pool closes
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
-import sys
 from typing import Any
 
 import asyncpg
@@ -19,6 +17,7 @@ import structlog
 from chaos.mockbank import store
 from chaos.mockbank.app import create_asgi
 from chaos.mockbank.settings import BankSettings, database_name, with_database
+from infra import logs
 from infra.db import create_pool
 from infra.migrate import migrate
 
@@ -32,17 +31,8 @@ class ServeError(RuntimeError):
 
 
 def configure_logging() -> None:
-    """One key=value line per event on stderr, UTC timestamps; the bank is its own process."""
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"]),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )
+    """JSON events on stderr, like every Kizo process (infra.logs); the bank is its own."""
+    logs.configure("bank")
 
 
 def _quote_ident(name: str) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -35,10 +34,13 @@ from typing import Any
 from urllib.parse import unquote
 
 import h11
+import structlog
 import trio
 
 from chaos.proxy import model
 from chaos.proxy.core import Collection, Proxy
+
+log = structlog.get_logger("kizo.proxy")
 
 VERSION = "2.12.0"  # the Toxiproxy release whose API this one answers as
 BODY_MAX = 1024 * 1024
@@ -303,7 +305,7 @@ async def _run(handler: Handler, collection: Collection, params: dict[str, str],
     except model.ApiError as exc:
         return error(exc)
     except Exception as exc:  # a bug: answered, logged, and the server stays up
-        print(f"kizo proxy: {handler.__name__} failed: {exc!r}", file=sys.stderr)
+        log.error("proxy_api_failed", handler=handler.__name__, error=repr(exc))
         return error(model.ApiError(500, "internal error"))
 
 
@@ -328,6 +330,9 @@ async def serve_connection(stream: trio.SocketStream, collection: Collection,
                                         headers.get("user-agent", ""), body)  # fmt: skip
                 await _send(stream, conn, answer.status, answer.body, answer.content_type,
                             answer.headers)  # fmt: skip
+                if method != "GET":  # a change (a proxy, a toxic, a reset): one event each
+                    log.info("proxy_api_request", method=method, path=target.split("?", 1)[0],
+                             status=answer.status)  # fmt: skip
             if conn.our_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,14 +28,20 @@ class _ProxyMetrics(Collector):
         sent = CounterMetricFamily("kizo_proxy_bytes", "Bytes passed on",
                                    labels=["proxy", "stream"])  # fmt: skip
         toxics = GaugeMetricFamily("kizo_proxy_toxics", "Toxics in place", labels=["proxy"])
+        by_type = GaugeMetricFamily("kizo_proxy_toxics_active", "Toxics in place by type",
+                                    labels=["proxy", "type"])  # fmt: skip
         enabled = GaugeMetricFamily("kizo_proxy_enabled", "1 when listening", labels=["proxy"])
         for name, proxy in self.collection.proxies.items():
             accepted.add_metric([name], proxy.counters.accepted)
             for stream, n in proxy.counters.bytes.items():
                 sent.add_metric([name, stream], n)
             toxics.add_metric([name], len(proxy.toxics))
+            # Every type, 0 when absent: a fault window's end is a 0, not a vanished series.
+            present = Counter(toxic.type for toxic in proxy.toxics)
+            for kind in model.TOXIC_TYPES:
+                by_type.add_metric([name, kind], present[kind])
             enabled.add_metric([name], 1 if proxy.enabled else 0)
-        yield from (accepted, sent, toxics, enabled)
+        yield from (accepted, sent, toxics, by_type, enabled)
 
 
 def load_specs(path: Path) -> list[model.ProxySpec]:
