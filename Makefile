@@ -6,6 +6,8 @@ UV_VERSION := 0.13.9
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
+PROMETHEUS_DIR := $(TOOLS)/prometheus
+PROMTOOL := $(PROMETHEUS_DIR)/usr/bin/promtool
 export UV_PYTHON_DOWNLOADS := never
 
 .PHONY: run test install lint typecheck unit chaos
@@ -13,7 +15,7 @@ export UV_PYTHON_DOWNLOADS := never
 run: install
 	$(VENV)/bin/kizo up
 
-test: install lint typecheck unit
+test: install $(PROMTOOL) lint typecheck unit
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -21,6 +23,16 @@ $(UV):
 
 install: $(UV)
 	$(UV) sync --locked --quiet --python $(PYTHON)
+
+# Prometheus and promtool from Debian's package, unpacked under .tools (no root, no service
+# started): the rule tests need promtool, and `kizo up` starts Prometheus when it finds it.
+$(PROMTOOL):
+	rm -rf $(PROMETHEUS_DIR) && mkdir -p $(PROMETHEUS_DIR)/deb
+	cd $(PROMETHEUS_DIR)/deb && { apt-get download -qq prometheus 2>/dev/null \
+		|| { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get download -qq prometheus; }; }
+	dpkg -x $(PROMETHEUS_DIR)/deb/prometheus_*.deb $(PROMETHEUS_DIR)
+	rm -rf $(PROMETHEUS_DIR)/deb
+	$(PROMTOOL) --version > /dev/null
 
 lint:
 	$(VENV)/bin/ruff check .
