@@ -10,7 +10,7 @@ PROMETHEUS_DIR := $(TOOLS)/prometheus
 PROMTOOL := $(PROMETHEUS_DIR)/usr/bin/promtool
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test install lint typecheck unit chaos
+.PHONY: run test install lint typecheck unit chaos dashboards
 
 run: install
 	$(VENV)/bin/kizo up
@@ -47,3 +47,7 @@ unit:
 # The fault-injection job: every scenario and the broken build (`make test` runs four scenarios and the broken build itself).
 chaos:
 	.ci/chaos
+
+# observability/grafana/dashboards/*.json from observability/dashboards.py (a test compares them)
+dashboards: install
+	$(VENV)/bin/python observability/dashboards.py
