@@ -46,10 +46,12 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
             text=True, timeout=RUN_TIMEOUT_S, check=False,
         )  # fmt: skip
         ended = time.time()
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        # Exit 1 is allowed: on a loaded machine a restart may make a step late, which fails
+        # the run's strict timeline but not what this module looks at. No money rule may break.
+        assert done.returncode in (0, 1), done.stderr[-2000:]
+        assert json.loads(done.stdout)["violations"] == 0, done.stdout
         time.sleep(2)  # the last scrapes and a rule evaluation land
-        yield {"url": server.url, "start": started, "end": ended, "root": root,
-               "report": json.loads(done.stdout)}  # fmt: skip
+        yield {"url": server.url, "start": started, "end": ended, "root": root}
     finally:
         server.stop()
 
