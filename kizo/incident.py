@@ -57,6 +57,12 @@ def rate(metric: str, extra: str = "") -> str:
     return f"rate({sel(metric, extra)}[{RATE_WINDOW}])"
 
 
+def _share(metric: str, which: str) -> str:
+    """The rate of ``metric``'s series matching ``which``: 0 rather than nothing while there
+    are none, as long as ``metric`` itself moves."""
+    return f"sum({rate(metric, which)}) or 0 * sum({rate(metric)})"
+
+
 _5XX = 'status=~"5.."'
 _BANK_UNKNOWN = 'outcome=~"unknown|unavailable"'
 INCIDENT: tuple[Panel, ...] = (
@@ -74,12 +80,12 @@ INCIDENT: tuple[Panel, ...] = (
         "Errors",
         "reqps",
         (
-            Query(f"sum by (status) ({rate('kizo_http_requests_total', _5XX)})", "{{status}}"),
-            Query(
-                f"sum({rate('kizo_bank_calls_total', _BANK_UNKNOWN)})", "bank unknown/unavailable"
-            ),
+            Query(_share("kizo_http_requests_total", _5XX), "5xx answers"),
+            Query(_share("kizo_http_requests_total", 'status="429"'), "429 rate-limited"),
+            Query(_share("kizo_bank_calls_total", _BANK_UNKNOWN), "bank unknown/unavailable"),
         ),
-        "5xx answers by status, and bank calls whose outcome is unknown.",
+        "5xx and 429 answers per second, and bank calls whose outcome is unknown"
+        " (0, not 'no data', while none fail).",
     ),
     Panel(
         "Settlement lag",
