@@ -13,6 +13,8 @@ export UV_PYTHON_DOWNLOADS := never
 .PHONY: run test install lint typecheck unit chaos dashboards
 
 run: install
+	@$(MAKE) --no-print-directory $(PROMTOOL) \
+		|| echo "make run: Prometheus could not be unpacked; metrics are served, not stored"
 	$(VENV)/bin/kizo up
 
 test: install $(PROMTOOL) lint typecheck unit
