@@ -6,14 +6,18 @@ UV_VERSION := 0.13.9
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
+PROMETHEUS_DIR := $(TOOLS)/prometheus
+PROMTOOL := $(PROMETHEUS_DIR)/usr/bin/promtool
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test install lint typecheck unit chaos
+.PHONY: run test install lint typecheck unit chaos dashboards
 
 run: install
+	@$(MAKE) --no-print-directory $(PROMTOOL) \
+		|| echo "make run: Prometheus could not be unpacked; metrics are served, not stored"
 	$(VENV)/bin/kizo up
 
-test: install lint typecheck unit
+test: install $(PROMTOOL) lint typecheck unit
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -21,6 +25,16 @@ $(UV):
 
 install: $(UV)
 	$(UV) sync --locked --quiet --python $(PYTHON)
+
+# Prometheus and promtool from Debian's package, unpacked under .tools (no root, no service
+# started): the rule tests need promtool, and `kizo up` starts Prometheus when it finds it.
+$(PROMTOOL):
+	rm -rf $(PROMETHEUS_DIR) && mkdir -p $(PROMETHEUS_DIR)/deb
+	cd $(PROMETHEUS_DIR)/deb && { apt-get download -qq prometheus 2>/dev/null \
+		|| { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get download -qq prometheus; }; }
+	dpkg -x $(PROMETHEUS_DIR)/deb/prometheus_*.deb $(PROMETHEUS_DIR)
+	rm -rf $(PROMETHEUS_DIR)/deb
+	$(PROMTOOL) --version > /dev/null
 
 lint:
 	$(VENV)/bin/ruff check .
@@ -35,3 +49,7 @@ unit:
 # The fault-injection job: every scenario and the broken build (`make test` runs four scenarios and the broken build itself).
 chaos:
 	.ci/chaos
+
+# observability/grafana/dashboards/*.json from observability/dashboards.py (a test compares them)
+dashboards: install
+	$(VENV)/bin/python observability/dashboards.py

