@@ -17,6 +17,7 @@ import subprocess
 import time
 from contextlib import ExitStack
 
+from infra import prometheus
 from infra.commands import Command
 from infra.config import Config
 from infra.devsecrets import up_env
@@ -32,6 +33,8 @@ from infra.processes import (
     start_servers,
     stop_children,
 )
+from infra.readiness import NotReady
+from infra.servers import ServerError
 
 
 class _Stop(Exception):
@@ -62,7 +65,8 @@ def run_up(config: Config, *, exit_after_ready: bool = False) -> int:
                 procs.append((child, start_child(child, env)))
             # Prometheus finds every child through this file (file_sd), removed at the end.
             write_targets(targets, metrics_targets([c for c, _ in procs]), "up")
-            _print_ready(config, [c for c, _ in procs])
+            prometheus_url = _start_prometheus(config, stack)
+            _print_ready(config, [c for c, _ in procs], prometheus_url)
             if exit_after_ready:
                 return 0
             return _watch(procs)
@@ -88,7 +92,26 @@ def _redact(url: str) -> str:
     return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
 
 
-def _print_ready(config: Config, started: list[Child]) -> None:
+def _start_prometheus(config: Config, stack: ExitStack) -> str:
+    """Prometheus over the children's targets and the rules, when its binary is here (``make``
+    unpacks one) and ``KIZO_PROMETHEUS_PORT`` is not 0; its URL, or "" without one. Optional:
+    a port taken or a binary missing is said, and the system runs on without it."""
+    if config.prometheus_port == 0:
+        return ""
+    if prometheus.binary("prometheus") is None:
+        say_up("no prometheus binary (make run unpacks one): metrics are served, not stored")
+        return ""
+    server = prometheus.Prometheus(config.home, config.prometheus_port, config.host)
+    try:
+        server.start()
+    except (ServerError, NotReady) as exc:
+        say_up(f"Prometheus not started: {exc}")
+        return ""
+    stack.callback(server.stop)
+    return server.url
+
+
+def _print_ready(config: Config, started: list[Child], prometheus_url: str) -> None:
     lines = [
         "ready",
         f"  PostgreSQL  {_redact(config.pg_url())}",
@@ -96,6 +119,11 @@ def _print_ready(config: Config, started: list[Child]) -> None:
     ]
     lines += [f"  {c.name:<11} {c.url}" for c in started if c.url]
     lines.append(f"  metrics     {targets_dir(config.home) / 'up.json'} (Prometheus file_sd)")
+    if prometheus_url:
+        lines += [
+            f"  {'prometheus':<11} {prometheus_url} (rules: observability/rules)",
+            "  incident    kizo incident --since 15m  (the incident view as a PNG)",
+        ]
     lines.append("  Ctrl-C stops everything")
     say_up("\n".join(lines))
 

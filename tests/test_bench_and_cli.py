@@ -181,6 +181,19 @@ def _descendants_alive(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _prometheus_scrapes_every_child(url: str) -> None:
+    """kizo up's Prometheus found its children through file_sd and scrapes them (bounded)."""
+    wanted = {"api", "worker-0", "janitor", "bank", "proxy"}
+    healthy: set[str] = set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and healthy != wanted:
+        targets = httpx.get(f"{url}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+        healthy = {t["labels"]["process"] for t in targets
+                   if t["health"] == "up" and t["labels"].get("system") == "up"}  # fmt: skip
+        time.sleep(0.5)
+    assert healthy == wanted
+
+
 def _valkey_answers_through_the_fault_proxy(env: dict[str, str]) -> None:
     """``kizo up``'s fault proxy serves the file's proxies, upstreams set to this system."""
     proxies = httpx.get(f"http://127.0.0.1:{env['KIZO_PROXY_API_PORT']}/proxies").json()
@@ -235,6 +248,7 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         "KIZO_JANITOR_METRICS_PORT": str(free_port()),
         "KIZO_WORKER_METRICS_PORT": str(free_port()),
         "KIZO_PROXY_API_PORT": str(free_port()),
+        "KIZO_PROMETHEUS_PORT": str(free_port()),
         "KIZO_PROXY_FILE": str(proxy_file),
         "KIZO_PG_FSYNC": "off",
     }
@@ -279,10 +293,13 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         for secret in ("pepper", "keyring-key"):  # made by kizo up, readable by its user only
             assert stat.S_IMODE((Path(home) / secret).stat().st_mode) == 0o600
         _valkey_answers_through_the_fault_proxy(env)
+        assert f"prometheus  http://127.0.0.1:{env['KIZO_PROMETHEUS_PORT']}" in output
+        _prometheus_scrapes_every_child(f"http://127.0.0.1:{env['KIZO_PROMETHEUS_PORT']}")
         servers = _descendants_alive(proc.pid)
         names = " ".join(p.name() for p in servers)
         assert "postgres" in names
         assert "valkey" in names
+        assert "prometheus" in names
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
         assert not up_targets.exists()  # a stopped system is no target
