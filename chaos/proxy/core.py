@@ -27,18 +27,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import random
 import socket
 import struct
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from chaos.proxy._relay import Outcome, Relay, run_in_thread
 from chaos.proxy.model import (
     PROXY_EXISTS,
     PROXY_NOT_FOUND,
@@ -54,6 +57,9 @@ CHUNK_MAX = 32 * 1024
 DIRECT_CHUNK_MAX = 64 * 1024  # a read on the direct path (no toxic applies)
 CHECKPOINT_EVERY = 16  # chunks a reader moves without yielding to the other tasks
 QUEUED_CHUNKS_MAX = 64
+# Directions moved by a relay thread at once, over every proxy; beyond, the direct path runs on
+# the event loop (same behaviour, slower).
+RELAY_THREADS_MAX = 64
 CONNECT_TIMEOUT_S = 5.0
 _CHANGED = object()  # queued to a writer when the toxics change
 _EOF = object()
@@ -63,6 +69,12 @@ _EOF = object()
 class Counters:
     accepted: int = 0
     bytes: dict[str, int] = field(default_factory=lambda: {"upstream": 0, "downstream": 0})
+    # Relay threads add to ``bytes`` too: an unlocked ``+=`` could lose an update.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, stream: str, size: int) -> None:
+        with self._lock:
+            self.bytes[stream] += size
 
 
 class _Closed(Exception):
@@ -83,12 +95,15 @@ class Link:
         self._limit_sent: dict[str, int] = {}
         # Chunks a reader queued that its writer has not finished passing on, per stream.
         self._queued: dict[str, int] = {"upstream": 0, "downstream": 0}
+        self._relays: dict[str, Relay] = {}  # directions a thread moves now
 
     def close(self, reset: bool = False) -> None:
         self.reset = self.reset or reset
         self.scope.cancel()
 
     def changed(self) -> None:
+        for relay in list(self._relays.values()):
+            relay.stop()  # its direction is judged again, by the reader
         for queue in self.queues.values():
             with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
                 queue.send_nowait(_CHANGED)
@@ -141,27 +156,37 @@ class Link:
 
     async def _read(self, stream: str, source: trio.SocketStream, sink: trio.SocketStream,
                     queue: trio.MemorySendChannel[Any]) -> None:  # fmt: skip
-        counted = self.proxy.counters.bytes
         source_fd, sink_fd = source.socket.fileno(), sink.socket.fileno()
         chunks, more = 0, False
         while True:
             direct = self._direct(stream)
-            try:
-                size_max = DIRECT_CHUNK_MAX if direct else CHUNK_MAX
-                data = await _receive(source_fd, size_max, more)
-                more = len(data) == size_max
-            except OSError:
-                break  # reset by the peer: as an end of stream
-            if not data:
-                break
-            # Checked again: a toxic added while we waited applies to this chunk.
-            if direct and self._direct(stream):
-                try:
-                    await _send(sink_fd, data)
-                except OSError:
+            if direct and self.proxy.relays.available_tokens > 0:
+                outcome, data = await self._relay(stream, source_fd, sink_fd)
+                if outcome is Outcome.EOF:
+                    break
+                if outcome is Outcome.BROKEN:
                     self.close()  # as the writer does when its side goes away
                     return
-                counted[stream] += len(data)
+                if outcome is Outcome.UNSENT:  # the rest of a chunk already passed on
+                    if not await self._send_direct(stream, sink_fd, data):
+                        return
+                    continue
+                if not data:
+                    continue  # the toxics changed: judge the next chunk again
+                more = False
+            else:
+                try:
+                    size_max = DIRECT_CHUNK_MAX if direct else CHUNK_MAX
+                    data = await _receive(source_fd, size_max, more)
+                    more = len(data) == size_max
+                except OSError:
+                    break  # reset by the peer: as an end of stream
+                if not data:
+                    break
+            # Checked again: a toxic added while we waited applies to this chunk.
+            if direct and self._direct(stream):
+                if not await self._send_direct(stream, sink_fd, data):
+                    return
             else:
                 self._queued[stream] += 1
                 await queue.send((trio.current_time(), data))
@@ -169,6 +194,32 @@ class Link:
             if chunks % CHECKPOINT_EVERY == 0:
                 await trio.lowlevel.checkpoint()  # a busy stream must not starve the others
         await queue.send(_EOF)
+
+    async def _send_direct(self, stream: str, sink_fd: int, data: bytes) -> bool:
+        """Sends ``data`` past the toxics; False (and the link closed) if the sink is gone."""
+        try:
+            await _send(sink_fd, data)
+        except OSError:
+            self.close()  # as the writer does when its side goes away
+            return False
+        self.proxy.counters.add(stream, len(data))
+        return True
+
+    async def _relay(self, stream: str, source_fd: int, sink_fd: int) -> tuple[Outcome, bytes]:
+        """The direction moved by a thread of its own until it ends or the toxics change."""
+        borrower = (self, stream)
+        self.proxy.relays.acquire_on_behalf_of_nowait(borrower)
+        try:
+            relay = Relay(source_fd, sink_fd, DIRECT_CHUNK_MAX,
+                          functools.partial(self.proxy.counters.add, stream))  # fmt: skip
+            self._relays[stream] = relay
+            try:
+                return await run_in_thread(relay)
+            finally:
+                del self._relays[stream]
+                relay.close()
+        finally:
+            self.proxy.relays.release_on_behalf_of(borrower)
 
     async def _write(self, stream: str, queue: trio.MemoryReceiveChannel[Any],
                      sink: trio.SocketStream) -> None:  # fmt: skip
@@ -227,7 +278,7 @@ class Link:
                 pieces, close_after = self._limit(toxic, pieces)
         for piece, pause_s in pieces:
             await sink.send_all(piece)
-            self.proxy.counters.bytes[stream] += len(piece)
+            self.proxy.counters.add(stream, len(piece))
             if pause_s:
                 await trio.sleep(pause_s)
         if close_after:
@@ -285,8 +336,10 @@ def _reset_on_close(stream: trio.SocketStream) -> None:
 
 
 class Proxy:
-    def __init__(self, spec: ProxySpec, nursery: trio.Nursery, seed: int) -> None:
+    def __init__(self, spec: ProxySpec, nursery: trio.Nursery, seed: int,
+                 relays: trio.CapacityLimiter) -> None:  # fmt: skip
         self.spec = spec
+        self.relays = relays  # the relay threads, shared by every proxy of the collection
         self.toxics: list[Toxic] = []
         self.counters = Counters()
         self._nursery = nursery
@@ -398,6 +451,7 @@ class Collection:
         self._nursery = nursery
         self._seed = seed
         self.proxies: dict[str, Proxy] = {}
+        self.relays = trio.CapacityLimiter(RELAY_THREADS_MAX)
 
     def get(self, name: str) -> Proxy:
         proxy = self.proxies.get(name)
@@ -408,7 +462,7 @@ class Collection:
     async def add(self, spec: ProxySpec) -> Proxy:
         if spec.name in self.proxies:
             raise PROXY_EXISTS
-        proxy = Proxy(spec, self._nursery, self._seed + len(self.proxies))
+        proxy = Proxy(spec, self._nursery, self._seed + len(self.proxies), self.relays)
         if spec.enabled:
             await proxy.start()
         self.proxies[spec.name] = proxy
