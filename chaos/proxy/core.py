@@ -96,6 +96,9 @@ class Link:
         # Chunks a reader queued that its writer has not finished passing on, per stream.
         self._queued: dict[str, int] = {"upstream": 0, "downstream": 0}
         self._relays: dict[str, Relay] = {}  # directions a thread moves now
+        # A reader waiting on the event loop, to be woken to judge its direction again (when
+        # the toxics change, or its queue drains) so that it goes back to a thread at once.
+        self._waiting: dict[str, trio.CancelScope] = {}
 
     def close(self, reset: bool = False) -> None:
         self.reset = self.reset or reset
@@ -104,6 +107,8 @@ class Link:
     def changed(self) -> None:
         for relay in list(self._relays.values()):
             relay.stop()  # its direction is judged again, by the reader
+        for stream in list(self._waiting):
+            self._rejudge(stream)
         for queue in self.queues.values():
             with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
                 queue.send_nowait(_CHANGED)
@@ -177,7 +182,10 @@ class Link:
             else:
                 try:
                     size_max = DIRECT_CHUNK_MAX if direct else CHUNK_MAX
-                    data = await _receive(source_fd, size_max, more)
+                    read = await self._receive(stream, source_fd, size_max, more)
+                    if read is None:
+                        continue  # woken to judge again: nothing was read
+                    data = read
                     more = len(data) == size_max
                 except OSError:
                     break  # reset by the peer: as an end of stream
@@ -194,6 +202,23 @@ class Link:
             if chunks % CHECKPOINT_EVERY == 0:
                 await trio.lowlevel.checkpoint()  # a busy stream must not starve the others
         await queue.send(_EOF)
+
+    def _rejudge(self, stream: str) -> None:
+        """Wakes the reader of ``stream`` if it waits on the event loop and could now hand its
+        direction to a thread (it judges again before reading anything)."""
+        waiting = self._waiting.get(stream)
+        if waiting is not None and self._direct(stream) and self.proxy.relays.available_tokens:
+            waiting.cancel()
+
+    async def _receive(self, stream: str, fd: int, size_max: int, more: bool) -> bytes | None:
+        """A read on the event loop; None when ``_rejudge`` cut the wait short."""
+        with trio.CancelScope() as waiting:
+            self._waiting[stream] = waiting
+            try:
+                return await _receive(fd, size_max, more)
+            finally:
+                del self._waiting[stream]
+        return None
 
     async def _send_direct(self, stream: str, sink_fd: int, data: bytes) -> bool:
         """Sends ``data`` past the toxics; False (and the link closed) if the sink is gone."""
@@ -242,6 +267,8 @@ class Link:
                     await self._pass(stream, arrived, data, sink)
                 finally:
                     self._queued[stream] -= 1
+                if self._queued[stream] == 0:
+                    self._rejudge(stream)
         except _Closed:
             self.close()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
