@@ -4,12 +4,15 @@ Each accepted connection (a ``Link``) is piped both ways: "upstream" carries wha
 sends to the server, "downstream" what the server answers. Per direction a reader stamps each
 chunk with its arrival time and queues it (bounded); a writer passes it through the proxy's
 toxics of that stream, in order, as they are *now* (toxics apply to open connections too), and
-sends it on. While no toxic applies to a direction and nothing of it is queued, its reader
-sends each chunk on itself (the direct path: straight non-blocking system calls, 64 KiB reads,
-no queue, no second task), which is most of the proxy's cost when it injects nothing; the next
-chunk after a toxic appears takes the queued path, so toxics still apply to open connections
-from their next chunk on. Whether a toxic applies to a connection is rolled once per connection
-and toxic version against its toxicity. Semantics follow Toxiproxy's toxics:
+sends it on. While no toxic applies to a direction and nothing of it is queued, the direction
+is handed to a relay thread of its own (chaos/proxy/_relay.py: poll, read, write, off the event
+loop, up to ``RELAY_THREADS_MAX`` directions at once), which is most of the proxy's cost when it
+injects nothing. When the toxics change the thread is stopped and the reader judges the next
+chunk again (a chunk the thread read after the change comes back unsent), so toxics still apply
+to open connections from their next chunk on. Without a free thread the reader itself sends
+each chunk on (straight non-blocking system calls, 64 KiB reads, no queue, no second task).
+Whether a toxic applies to a connection is rolled once per connection and toxic version against
+its toxicity. Semantics follow Toxiproxy's toxics:
 
 - latency: each chunk leaves ``latency`` ± ``jitter`` ms after it arrived (so latency does not
   cut throughput);
