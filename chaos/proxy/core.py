@@ -4,12 +4,15 @@ Each accepted connection (a ``Link``) is piped both ways: "upstream" carries wha
 sends to the server, "downstream" what the server answers. Per direction a reader stamps each
 chunk with its arrival time and queues it (bounded); a writer passes it through the proxy's
 toxics of that stream, in order, as they are *now* (toxics apply to open connections too), and
-sends it on. While no toxic applies to a direction and nothing of it is queued, its reader
-sends each chunk on itself (the direct path: straight non-blocking system calls, 64 KiB reads,
-no queue, no second task), which is most of the proxy's cost when it injects nothing; the next
-chunk after a toxic appears takes the queued path, so toxics still apply to open connections
-from their next chunk on. Whether a toxic applies to a connection is rolled once per connection
-and toxic version against its toxicity. Semantics follow Toxiproxy's toxics:
+sends it on. While no toxic applies to a direction and nothing of it is queued, the direction
+is handed to a relay thread of its own (chaos/proxy/_relay.py: poll, read, write, off the event
+loop, up to ``RELAY_THREADS_MAX`` directions at once), which is most of the proxy's cost when it
+injects nothing. When the toxics change the thread is stopped and the reader judges the next
+chunk again (a chunk the thread read after the change comes back unsent), so toxics still apply
+to open connections from their next chunk on. Without a free thread the reader itself sends
+each chunk on (straight non-blocking system calls, 64 KiB reads, no queue, no second task).
+Whether a toxic applies to a connection is rolled once per connection and toxic version against
+its toxicity. Semantics follow Toxiproxy's toxics:
 
 - latency: each chunk leaves ``latency`` ± ``jitter`` ms after it arrived (so latency does not
   cut throughput);
@@ -27,18 +30,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import random
 import socket
 import struct
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from chaos.proxy._relay import Outcome, Relay, run_in_thread
 from chaos.proxy.model import (
     PROXY_EXISTS,
     PROXY_NOT_FOUND,
@@ -54,6 +60,9 @@ CHUNK_MAX = 32 * 1024
 DIRECT_CHUNK_MAX = 64 * 1024  # a read on the direct path (no toxic applies)
 CHECKPOINT_EVERY = 16  # chunks a reader moves without yielding to the other tasks
 QUEUED_CHUNKS_MAX = 64
+# Directions moved by a relay thread at once, over every proxy; beyond, the direct path runs on
+# the event loop (same behaviour, slower).
+RELAY_THREADS_MAX = 64
 CONNECT_TIMEOUT_S = 5.0
 _CHANGED = object()  # queued to a writer when the toxics change
 _EOF = object()
@@ -63,6 +72,12 @@ _EOF = object()
 class Counters:
     accepted: int = 0
     bytes: dict[str, int] = field(default_factory=lambda: {"upstream": 0, "downstream": 0})
+    # Relay threads add to ``bytes`` too: an unlocked ``+=`` could lose an update.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, stream: str, size: int) -> None:
+        with self._lock:
+            self.bytes[stream] += size
 
 
 class _Closed(Exception):
@@ -83,12 +98,20 @@ class Link:
         self._limit_sent: dict[str, int] = {}
         # Chunks a reader queued that its writer has not finished passing on, per stream.
         self._queued: dict[str, int] = {"upstream": 0, "downstream": 0}
+        self._relays: dict[str, Relay] = {}  # directions a thread moves now
+        # A reader waiting on the event loop, to be woken to judge its direction again (when
+        # the toxics change, or its queue drains) so that it goes back to a thread at once.
+        self._waiting: dict[str, trio.CancelScope] = {}
 
     def close(self, reset: bool = False) -> None:
         self.reset = self.reset or reset
         self.scope.cancel()
 
     def changed(self) -> None:
+        for relay in list(self._relays.values()):
+            relay.stop()  # its direction is judged again, by the reader
+        for stream in list(self._waiting):
+            self._rejudge(stream)
         for queue in self.queues.values():
             with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
                 queue.send_nowait(_CHANGED)
@@ -141,27 +164,40 @@ class Link:
 
     async def _read(self, stream: str, source: trio.SocketStream, sink: trio.SocketStream,
                     queue: trio.MemorySendChannel[Any]) -> None:  # fmt: skip
-        counted = self.proxy.counters.bytes
         source_fd, sink_fd = source.socket.fileno(), sink.socket.fileno()
         chunks, more = 0, False
         while True:
             direct = self._direct(stream)
-            try:
-                size_max = DIRECT_CHUNK_MAX if direct else CHUNK_MAX
-                data = await _receive(source_fd, size_max, more)
-                more = len(data) == size_max
-            except OSError:
-                break  # reset by the peer: as an end of stream
-            if not data:
-                break
-            # Checked again: a toxic added while we waited applies to this chunk.
-            if direct and self._direct(stream):
-                try:
-                    await _send(sink_fd, data)
-                except OSError:
+            if direct and self.proxy.relays.available_tokens > 0:
+                outcome, data = await self._relay(stream, source_fd, sink_fd)
+                if outcome is Outcome.EOF:
+                    break
+                if outcome is Outcome.BROKEN:
                     self.close()  # as the writer does when its side goes away
                     return
-                counted[stream] += len(data)
+                if outcome is Outcome.UNSENT:  # the rest of a chunk already passed on
+                    if not await self._send_direct(stream, sink_fd, data):
+                        return
+                    continue
+                if not data:
+                    continue  # the toxics changed: judge the next chunk again
+                more = False
+            else:
+                try:
+                    size_max = DIRECT_CHUNK_MAX if direct else CHUNK_MAX
+                    read = await self._receive(stream, source_fd, size_max, more)
+                    if read is None:
+                        continue  # woken to judge again: nothing was read
+                    data = read
+                    more = len(data) == size_max
+                except OSError:
+                    break  # reset by the peer: as an end of stream
+                if not data:
+                    break
+            # Checked again: a toxic added while we waited applies to this chunk.
+            if direct and self._direct(stream):
+                if not await self._send_direct(stream, sink_fd, data):
+                    return
             else:
                 self._queued[stream] += 1
                 await queue.send((trio.current_time(), data))
@@ -169,6 +205,49 @@ class Link:
             if chunks % CHECKPOINT_EVERY == 0:
                 await trio.lowlevel.checkpoint()  # a busy stream must not starve the others
         await queue.send(_EOF)
+
+    def _rejudge(self, stream: str) -> None:
+        """Wakes the reader of ``stream`` if it waits on the event loop and could now hand its
+        direction to a thread (it judges again before reading anything)."""
+        waiting = self._waiting.get(stream)
+        if waiting is not None and self._direct(stream) and self.proxy.relays.available_tokens:
+            waiting.cancel()
+
+    async def _receive(self, stream: str, fd: int, size_max: int, more: bool) -> bytes | None:
+        """A read on the event loop; None when ``_rejudge`` cut the wait short."""
+        with trio.CancelScope() as waiting:
+            self._waiting[stream] = waiting
+            try:
+                return await _receive(fd, size_max, more)
+            finally:
+                del self._waiting[stream]
+        return None
+
+    async def _send_direct(self, stream: str, sink_fd: int, data: bytes) -> bool:
+        """Sends ``data`` past the toxics; False (and the link closed) if the sink is gone."""
+        try:
+            await _send(sink_fd, data)
+        except OSError:
+            self.close()  # as the writer does when its side goes away
+            return False
+        self.proxy.counters.add(stream, len(data))
+        return True
+
+    async def _relay(self, stream: str, source_fd: int, sink_fd: int) -> tuple[Outcome, bytes]:
+        """The direction moved by a thread of its own until it ends or the toxics change."""
+        borrower = (self, stream)
+        self.proxy.relays.acquire_on_behalf_of_nowait(borrower)
+        try:
+            relay = Relay(source_fd, sink_fd, DIRECT_CHUNK_MAX,
+                          functools.partial(self.proxy.counters.add, stream))  # fmt: skip
+            self._relays[stream] = relay
+            try:
+                return await run_in_thread(relay)
+            finally:
+                del self._relays[stream]
+                relay.close()
+        finally:
+            self.proxy.relays.release_on_behalf_of(borrower)
 
     async def _write(self, stream: str, queue: trio.MemoryReceiveChannel[Any],
                      sink: trio.SocketStream) -> None:  # fmt: skip
@@ -191,6 +270,8 @@ class Link:
                     await self._pass(stream, arrived, data, sink)
                 finally:
                     self._queued[stream] -= 1
+                if self._queued[stream] == 0:
+                    self._rejudge(stream)
         except _Closed:
             self.close()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -227,7 +308,7 @@ class Link:
                 pieces, close_after = self._limit(toxic, pieces)
         for piece, pause_s in pieces:
             await sink.send_all(piece)
-            self.proxy.counters.bytes[stream] += len(piece)
+            self.proxy.counters.add(stream, len(piece))
             if pause_s:
                 await trio.sleep(pause_s)
         if close_after:
@@ -285,8 +366,10 @@ def _reset_on_close(stream: trio.SocketStream) -> None:
 
 
 class Proxy:
-    def __init__(self, spec: ProxySpec, nursery: trio.Nursery, seed: int) -> None:
+    def __init__(self, spec: ProxySpec, nursery: trio.Nursery, seed: int,
+                 relays: trio.CapacityLimiter) -> None:  # fmt: skip
         self.spec = spec
+        self.relays = relays  # the relay threads, shared by every proxy of the collection
         self.toxics: list[Toxic] = []
         self.counters = Counters()
         self._nursery = nursery
@@ -398,6 +481,7 @@ class Collection:
         self._nursery = nursery
         self._seed = seed
         self.proxies: dict[str, Proxy] = {}
+        self.relays = trio.CapacityLimiter(RELAY_THREADS_MAX)
 
     def get(self, name: str) -> Proxy:
         proxy = self.proxies.get(name)
@@ -408,7 +492,7 @@ class Collection:
     async def add(self, spec: ProxySpec) -> Proxy:
         if spec.name in self.proxies:
             raise PROXY_EXISTS
-        proxy = Proxy(spec, self._nursery, self._seed + len(self.proxies))
+        proxy = Proxy(spec, self._nursery, self._seed + len(self.proxies), self.relays)
         if spec.enabled:
             await proxy.start()
         self.proxies[spec.name] = proxy
