@@ -11,6 +11,7 @@ second line of defence: a field whose name says secret never reaches the output.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
@@ -34,6 +35,15 @@ class _NamedLogger(structlog.WriteLogger):
     def __init__(self, file: TextIO, name: str) -> None:
         super().__init__(file)
         self.name = name
+
+    def msg(self, message: str) -> None:
+        # A log line is never worth a request: a closed or broken stream (a terminal gone, a
+        # pipe whose reader left) drops the line instead of failing the caller.
+        with contextlib.suppress(ValueError, OSError):
+            super().msg(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
 
 
 class _Factory:

@@ -31,6 +31,7 @@ def render(
     rule_files: str = RULES_GLOB,
     targets: str = TARGETS_GLOB,
     scrape_interval_s: int = SCRAPE_INTERVAL_S,
+    evaluation_interval_s: int = EVALUATION_INTERVAL_S,
 ) -> str:
     """The configuration as YAML text (strings quoted as JSON, which YAML reads the same)."""
     q = json.dumps
@@ -39,7 +40,7 @@ def render(
         "global:",
         f"  scrape_interval: {scrape_interval_s}s",
         f"  scrape_timeout: {max(1, scrape_interval_s - 1)}s",
-        f"  evaluation_interval: {EVALUATION_INTERVAL_S}s",
+        f"  evaluation_interval: {evaluation_interval_s}s",
         "rule_files:",
         f"  - {q(rule_files)}",
         "scrape_configs:",
@@ -55,7 +56,8 @@ def render(
     ])  # fmt: skip
 
 
-def write_local(home: Path, scrape_interval_s: int = SCRAPE_INTERVAL_S) -> Path:
+def write_local(home: Path, scrape_interval_s: int = SCRAPE_INTERVAL_S,
+                evaluation_interval_s: int = EVALUATION_INTERVAL_S) -> Path:  # fmt: skip
     """The configuration for a Prometheus that ``kizo up`` starts: absolute paths, the rules of
     this checkout, the targets under ``home``; its path."""
     directory = home / "prometheus"
@@ -63,7 +65,7 @@ def write_local(home: Path, scrape_interval_s: int = SCRAPE_INTERVAL_S) -> Path:
     path = directory / "prometheus.yml"
     (directory / "targets").mkdir(exist_ok=True)
     text = render(str(OBSERVABILITY_DIR / RULES_GLOB), str(directory / TARGETS_GLOB),
-                  scrape_interval_s)  # fmt: skip
+                  scrape_interval_s, evaluation_interval_s)  # fmt: skip
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -87,6 +89,7 @@ class Prometheus(ServerProcess):
     port: int
     host: str = "127.0.0.1"
     scrape_interval_s: int = SCRAPE_INTERVAL_S
+    evaluation_interval_s: int = EVALUATION_INTERVAL_S
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -104,7 +107,7 @@ class Prometheus(ServerProcess):
             raise ServerError("no prometheus binary (make test or make run unpacks one)")
         if port_open(self.host, self.port):
             raise ServerError(f"port {self.host}:{self.port} is already in use")
-        config = write_local(self.home, self.scrape_interval_s)
+        config = write_local(self.home, self.scrape_interval_s, self.evaluation_interval_s)
         args = [found, f"--config.file={config}",
                 f"--storage.tsdb.path={self.home / 'prometheus' / 'data'}",
                 f"--web.listen-address={self.host}:{self.port}",

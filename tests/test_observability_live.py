@@ -36,7 +36,8 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     if prometheus.binary("prometheus") is None:
         pytest.fail("no prometheus binary: `make test` unpacks Debian's under .tools")
     root = tmp_path_factory.mktemp("observed")
-    server = prometheus.Prometheus(root / "home", free_port(), scrape_interval_s=1)
+    server = prometheus.Prometheus(root / "home", free_port(), scrape_interval_s=1,
+                                   evaluation_interval_s=2)  # fmt: skip
     server.start()
     try:
         started = time.time()
