@@ -81,7 +81,7 @@ def _chaos(_config: Config, args: argparse.Namespace) -> int:
     if args.all or args.seeds is not None:
         from chaos import matrix
 
-        return matrix.main(args, args.out or RUNS_DIR, _config.home)
+        return matrix.main(args, args.out or RUNS_DIR, _config)
     scenario = None
     if args.what == "run":
         if not args.scenario:
@@ -98,8 +98,7 @@ def _chaos(_config: Config, args: argparse.Namespace) -> int:
                                 ops_per_process=args.ops, seed=args.seed)  # fmt: skip
     named = None if scenario is None else scenario.name
     out = args.out or report_dir(RUNS_DIR, named, args.seed, args.mutation)
-    report = run(params, scenario, args.seed, args.mutation, out, _config.home,
-                 _config.chaos_metrics_port)  # fmt: skip
+    report = run(params, scenario, args.seed, args.mutation, out, _config)
     print(json.dumps(report) if args.json else text(report))
     return 1 if failed(report) else 0
 
@@ -118,15 +117,16 @@ def report_dir(base: Path, scenario: str | None, seed: int, mutation: str | None
 
 
 def run(params: WorkloadParams, scenario: Scenario | None, seed: int, mutation: str = "",
-        out: Path | None = None, home: Path | None = None,
-        metrics_port: int = 0) -> dict[str, Any]:  # fmt: skip
+        out: Path | None = None, caller: Config | None = None) -> dict[str, Any]:  # fmt: skip
     """One whole run on a scratch system; the report (also written to ``out``, with its
-    chart, when given). The runner serves its metrics on ``metrics_port`` (0: a free one)
-    meanwhile, listed with the system's in ``home``'s Prometheus targets when given
+    chart, when given). With the ``caller``'s configuration, the runner serves its metrics on
+    its ``KIZO_CHAOS_METRICS_PORT`` meanwhile, lists itself and the system in its
+    ``KIZO_HOME``'s Prometheus targets, and posts the fault windows to its Grafana, if any
     (chaos.metrics)."""
     import trio
 
     from chaos import report as journal
+    from chaos.grafana import Grafana
     from chaos.metrics import serving
     from infra.processes import metrics_targets
     from infra.system import scratch_system
@@ -138,7 +138,10 @@ def run(params: WorkloadParams, scenario: Scenario | None, seed: int, mutation: 
         overrides.update(scenario.configuration)
     with scratch_system(overrides, behind_proxy=scenario is not None) as system, serving(
         scenario.name if scenario else None, len(scenario.method) if scenario else 0,
-        system.config.host, metrics_port, home, metrics_targets([c for c, _ in system.procs]),
+        system.config.host, caller.chaos_metrics_port if caller else 0,
+        caller.home if caller else None, metrics_targets([c for c, _ in system.procs]),
+        Grafana(caller.grafana_url, caller.grafana_token) if caller and caller.grafana_url
+        else None,
     ) as runner:  # fmt: skip
         probe = journal.Probe(system)
         try:

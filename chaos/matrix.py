@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.commands import UsageError
+from infra.config import Config
 
 SEEDS_MAX = 20
 SUMMARY = "all.json"
@@ -35,7 +36,7 @@ def parse_seeds(raw: str | None) -> list[int]:
     return seeds
 
 
-def main(args: argparse.Namespace, out: Path, home: Path | None = None) -> int:
+def main(args: argparse.Namespace, out: Path, caller: Config | None = None) -> int:
     if not args.all:
         raise UsageError("--seeds goes with kizo chaos run --all")
     if args.what != "run" or args.scenario:
@@ -47,7 +48,7 @@ def main(args: argparse.Namespace, out: Path, home: Path | None = None) -> int:
     rows = []
     for name in scenarios.names():
         for seed in seeds:
-            rows.append(run_one(name, seed, args.mutation, out, home))
+            rows.append(run_one(name, seed, args.mutation, out, caller))
             if not args.json:
                 print(format_row(rows[-1]), flush=True)
     summary = {"seeds": seeds, "mutation": args.mutation or None,
@@ -64,7 +65,7 @@ def main(args: argparse.Namespace, out: Path, home: Path | None = None) -> int:
 
 
 def run_one(name: str, seed: int, mutation: str, out: Path,
-            home: Path | None = None) -> dict[str, Any]:  # fmt: skip
+            caller: Config | None = None) -> dict[str, Any]:  # fmt: skip
     """One run; a run that could not be made at all (its system did not start, ...) is a row
     whose verdict says why, and the matrix goes on."""
     from chaos import cli
@@ -73,7 +74,7 @@ def run_one(name: str, seed: int, mutation: str, out: Path,
     try:
         scenario = scenarios.load(name, seed)
         report = cli.run(scenario.workload, scenario, seed, mutation,
-                         cli.report_dir(out, name, seed, mutation), home)  # fmt: skip
+                         cli.report_dir(out, name, seed, mutation), caller)  # fmt: skip
     except Exception as exc:  # the matrix outlives one broken run, and names it
         first_line = (str(exc).splitlines() or [""])[0][:120]
         return {"scenario": name, "seed": seed, "ops": None, "violations": None,

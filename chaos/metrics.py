@@ -22,6 +22,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 from infra.metrics import Target, remove_targets, targets_dir, write_targets
 
 if TYPE_CHECKING:
+    from chaos.grafana import Grafana
     from chaos.scenario import Step
 
 NO_SCENARIO = "none"
@@ -43,6 +44,14 @@ WINDOWS = Counter("kizo_chaos_fault_windows", "Fault windows opened",
                   ["scenario", "fault", "target"])  # fmt: skip
 
 
+@dataclass(frozen=True)
+class FaultWindow:
+    fault: str
+    target: str
+    start: float  # epoch seconds
+    end: float
+
+
 @dataclass
 class RunnerMetrics:
     """Follows one run's timeline (``observe`` is the Timeline's hook)."""
@@ -50,6 +59,8 @@ class RunnerMetrics:
     scenario: str
     open: dict[tuple[str, str], str] = field(default_factory=dict)  # (proxy, toxic) -> type
     windows: set[tuple[str, str]] = field(default_factory=set)  # (fault, target) now open
+    opened_at: dict[tuple[str, str], float] = field(default_factory=dict)  # epoch seconds
+    closed: list[FaultWindow] = field(default_factory=list)  # every window, once it closed
 
     def started(self, planned: int) -> None:
         RUN_ACTIVE.labels(self.scenario).set(1)
@@ -92,19 +103,25 @@ class RunnerMetrics:
     def _open(self, fault: str, target: str) -> None:
         if (fault, target) not in self.windows:
             self.windows.add((fault, target))
+            self.opened_at[(fault, target)] = time.time()
             WINDOWS.labels(self.scenario, fault, target).inc()
         FAULT.labels(self.scenario, fault, target).set(1)
 
     def _close(self, fault: str, target: str) -> None:
+        if (fault, target) in self.windows:
+            start = self.opened_at.pop((fault, target), time.time())
+            self.closed.append(FaultWindow(fault, target, start, time.time()))
         self.windows.discard((fault, target))
         FAULT.labels(self.scenario, fault, target).set(0)
 
 
 @contextlib.contextmanager
 def serving(scenario: str | None, planned: int, host: str, port: int, home: Path | None,
-            system_targets: list[Target]) -> Iterator[RunnerMetrics]:  # fmt: skip
+            system_targets: list[Target],
+            grafana: Grafana | None = None) -> Iterator[RunnerMetrics]:  # fmt: skip
     """Serve the runner's metrics for the body's duration and, when ``home`` is given, list the
-    runner and the system under attack in ``home``'s file_sd directory."""
+    runner and the system under attack in ``home``'s file_sd directory; at the end, each fault
+    window becomes a Grafana annotation when ``grafana`` is given."""
     server, thread = start_http_server(port, addr=host)
     runner = RunnerMetrics(scenario or NO_SCENARIO)
     path = None
@@ -117,6 +134,8 @@ def serving(scenario: str | None, planned: int, host: str, port: int, home: Path
         yield runner
     finally:
         runner.ended()
+        if grafana is not None:
+            grafana.annotate(runner.scenario, runner.closed)
         if path is not None:
             remove_targets(path)
         server.shutdown()

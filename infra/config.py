@@ -273,6 +273,8 @@ class Config:
     bank_port: int = 8100
     proxy_api_port: int = 8474
     chaos_metrics_port: int = 0  # `kizo chaos run` serves /metrics here; 0: a free port
+    grafana_url: str = ""  # KIZO_GRAFANA_URL: chaos runs post their fault windows there
+    grafana_token: str = field(default="", repr=False)  # KIZO_GRAFANA_TOKEN
     prometheus_port: int = 9090  # kizo up's Prometheus, when its binary is found; 0: none
     proxy_file: str = ""  # the fault proxy's proxies: "" the shipped file, "none" no proxies
     bank_url_override: str | None = None  # KIZO_BANK_URL: where workers reach the bank
@@ -396,6 +398,8 @@ class Config:
             bank_port=_int(env, "KIZO_BANK_PORT", 8100, low=1, high=65535),
             proxy_api_port=_int(env, "KIZO_PROXY_API_PORT", 8474, low=1, high=65535),
             chaos_metrics_port=_int(env, "KIZO_CHAOS_METRICS_PORT", 0, low=0, high=65535),
+            grafana_url=env.get("KIZO_GRAFANA_URL", ""),
+            grafana_token=env.get("KIZO_GRAFANA_TOKEN", ""),
             prometheus_port=_int(env, "KIZO_PROMETHEUS_PORT", 9090, low=0, high=65535),
             proxy_file=_str(env, "KIZO_PROXY_FILE", ""),
             bank_url_override=_http_url(env, "KIZO_BANK_URL"),

@@ -5,17 +5,19 @@ takes an unbounded value, the logs are JSON with their ids bound, and no secret 
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncpg
 import httpx
@@ -24,6 +26,7 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from api._auth import KeyRing
+from chaos.grafana import Grafana
 from chaos.metrics import RunnerMetrics, serving
 from chaos.scenario import Step
 from infra.config import Config
@@ -347,3 +350,48 @@ def _steps(runner: RunnerMetrics) -> None:
     runner.observe(Step(1, "kill", "worker-0"), "killed")
     runner.observe(Step(2, "bank_faults", "", {"faults": {"error_rate": 0.1}}), 200)
     runner.observe(Step(3, "remove_toxic", "postgres", {"name": "latency_downstream"}), 204)
+
+
+class _AnnotationsApi(http.server.BaseHTTPRequestHandler):
+    """Grafana's POST /api/annotations as its HTTP API documents it: 200 with an id, 401
+    without the expected token."""
+
+    received: ClassVar[list[tuple[str, dict[str, Any]]]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.received.append((self.headers.get("Authorization", ""), body))
+        ok = self.path == "/api/annotations" and self.headers.get("Authorization") == "Bearer t0k"
+        answer = json.dumps({"id": len(self.received)} if ok else {"message": "Unauthorized"})
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(answer.encode())
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("token", ["t0k", "wrong"])
+def test_fault_windows_become_grafana_region_annotations(tmp_path: Path, token: str) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnnotationsApi)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _AnnotationsApi.received.clear()
+    grafana = Grafana(f"http://127.0.0.1:{server.server_port}", token)
+    try:
+        with serving("obs-scenario", 4, "127.0.0.1", 0, None, [], grafana) as runner:
+            _steps(runner)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    bodies = [body for _auth, body in _AnnotationsApi.received]
+    if token != "t0k":  # refused: one attempt, the run unharmed
+        assert len(bodies) == 1
+        return
+    assert {(b["text"].split(" ")[0], b["text"].split(" ")[2]) for b in bodies} == {
+        ("latency", "postgres"), ("killed", "worker-0"), ("bank_faults", "bank")}  # fmt: skip
+    for body in bodies:
+        assert body["dashboardUID"] == "kizo-incident"
+        assert 0 < body["time"] <= body["timeEnd"] and "scenario:obs-scenario" in body["tags"]
