@@ -21,8 +21,10 @@ convergence: the run fails), 2 on bad usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,7 +34,7 @@ from infra.commands import Command, UsageError, bounded_int
 from infra.config import MUTATIONS, Config
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from collections.abc import Iterator
 
     from chaos.bank_workload import WorkloadParams
     from chaos.metrics import RunnerMetrics
@@ -120,8 +122,10 @@ def run(params: WorkloadParams, scenario: Scenario | None, seed: int, mutation: 
         out: Path | None = None, caller: Config | None = None) -> dict[str, Any]:  # fmt: skip
     """One whole run on a scratch system; the report (also written to ``out``, with its
     chart, when given). With the ``caller``'s configuration, the runner serves its metrics on
-    its ``KIZO_CHAOS_METRICS_PORT`` meanwhile, lists itself and the system in its
-    ``KIZO_HOME``'s Prometheus targets, and posts the fault windows to its Grafana, if any
+    its ``KIZO_CHAOS_METRICS_PORT`` meanwhile, is scraped by a Prometheus (``kizo up``'s when
+    it serves, else one of the run's own when the binary is here, unless
+    ``KIZO_PROMETHEUS_PORT`` is 0), whose record of the run is drawn as the incident view
+    beside the journal (``incident.png``), and posts the fault windows to its Grafana, if any
     (chaos.metrics)."""
     import trio
 
@@ -136,21 +140,78 @@ def run(params: WorkloadParams, scenario: Scenario | None, seed: int, mutation: 
         overrides["KIZO_MUTATION"] = mutation
     if scenario is not None:
         overrides.update(scenario.configuration)
-    with scratch_system(overrides, behind_proxy=scenario is not None) as system, serving(
-        scenario.name if scenario else None, len(scenario.method) if scenario else 0,
-        system.config.host, caller.chaos_metrics_port if caller else 0,
-        caller.home if caller else None, metrics_targets([c for c, _ in system.procs]),
-        Grafana(caller.grafana_url, caller.grafana_token) if caller and caller.grafana_url
-        else None,
-    ) as runner:  # fmt: skip
-        probe = journal.Probe(system)
-        try:
-            report = trio.run(_execute, system, params, scenario, seed, probe, runner)
-        finally:
-            probe.stop()
-    report = {"seed": seed, "mutation": mutation or None, **report}
-    report["checker"] = journal.checker_section(report, failed(report))
+    with _prometheus(caller) as (targets_home, prometheus_url, rate_window_s):
+        with scratch_system(overrides, behind_proxy=scenario is not None) as system, serving(
+            scenario.name if scenario else None, len(scenario.method) if scenario else 0,
+            system.config.host, caller.chaos_metrics_port if caller else 0, targets_home,
+            metrics_targets([c for c, _ in system.procs]),
+            Grafana(caller.grafana_url, caller.grafana_token) if caller and caller.grafana_url
+            else None,
+        ) as runner:  # fmt: skip
+            probe = journal.Probe(system)
+            started = time.time()
+            try:
+                report = trio.run(_execute, system, params, scenario, seed, probe, runner)
+            finally:
+                probe.stop()
+        report = {"seed": seed, "mutation": mutation or None, **report}
+        report["checker"] = journal.checker_section(report, failed(report))
+        if out is not None and prometheus_url is not None:
+            report["incident_view"] = incident_png(prometheus_url, out, started, time.time(),
+                                                   report, rate_window_s)  # fmt: skip
     return report if out is None else journal.write(report, out)
+
+
+@contextlib.contextmanager
+def _prometheus(caller: Config | None) -> Iterator[tuple[Path | None, str | None, int]]:
+    """Where the run lists its targets, the URL of the Prometheus that reads them (None:
+    none), and the window its rates need (four scrapes). ``kizo up``'s when it serves; else
+    a private one for the run, scraping every second, when the binary is here; none when
+    ``KIZO_PROMETHEUS_PORT`` is 0."""
+    from infra import prometheus
+    from infra.readiness import NotReady, http_probe
+    from infra.servers import ServerError, free_port
+
+    if caller is None or not caller.prometheus_port:
+        yield (None if caller is None else caller.home), None, 0
+        return
+    shared = f"http://{caller.host}:{caller.prometheus_port}"
+    if http_probe(f"{shared}/-/ready")() is None:
+        yield caller.home, shared, 4 * prometheus.SCRAPE_INTERVAL_S
+        return
+    if prometheus.binary("prometheus") is None:
+        yield caller.home, None, 0
+        return
+    with tempfile.TemporaryDirectory(prefix="kizo-chaos-prometheus-") as tmp:
+        private = prometheus.Prometheus(Path(tmp), free_port(caller.host), caller.host,
+                                        scrape_interval_s=1, evaluation_interval_s=2)  # fmt: skip
+        try:
+            private.start()
+        except (ServerError, NotReady):
+            yield caller.home, None, 0
+            return
+        try:
+            yield Path(tmp), private.url, 4 * private.scrape_interval_s
+        finally:
+            private.stop()
+
+
+def incident_png(base: str, out: Path, start: float, end: float, report: dict[str, Any],
+                 rate_window_s: int) -> str | None:  # fmt: skip
+    """The incident view of the run, from the Prometheus at ``base``, as ``out``/incident.png;
+    its path, or None when Prometheus cannot answer."""
+    import httpx
+
+    from infra import incident
+
+    path = out / "incident.png"
+    title = (f"{report['scenario'] or 'bank workload'}, seed {report['seed']}: "
+             "the incident view, from Prometheus")  # fmt: skip
+    try:
+        incident.render(base, start - 2, end + 2, "chaos", path, title, rate_window_s)
+    except (httpx.HTTPError, ValueError):
+        return None
+    return str(path)
 
 
 async def _execute(system: System, params: WorkloadParams, scenario: Scenario | None,

@@ -417,7 +417,10 @@ def file_lines(report: Mapping[str, Any]) -> list[str]:
     files = report.get("files")
     if files is None:
         return []
-    return [f"  journal           {files['journal']}", f"  chart             {files['chart']}"]
+    lines = [f"  journal           {files['journal']}", f"  chart             {files['chart']}"]
+    if report.get("incident_view"):  # drawn from Prometheus' record of the run
+        lines.append(f"  incident view     {report['incident_view']}")
+    return lines
 
 
 def _or_dash(value: object) -> str:

@@ -33,7 +33,7 @@ TABLE: dict[str, tuple[str, str]] = {
     "chaos": ("chaos.cli", "run the bank workload and check it (Jepsen-style)"),
     "bench": ("kizo.bench_cli", "run a benchmark and print its figures"),
     "loadtest": ("kizo.loadtest", "locust against a scratch system, then check settlement"),
-    "incident": ("kizo.incident", "draw the incident view from Prometheus to a PNG"),
+    "incident": ("infra.incident", "draw the incident view from Prometheus to a PNG"),
 }
 
 

@@ -3,7 +3,7 @@ observability/grafana/dashboards/{overview,incident}.json. Run `make dashboards`
 tests/test_dashboards.py fails while the JSON and this file disagree.
 
 - overview: throughput, latency p50/p99 per route, settlement lag, backlog, errors, saturation;
-- incident: the panels of kizo.incident.INCIDENT (the same ones `kizo incident` draws to a PNG)
+- incident: the panels of infra.incident.INCIDENT (the same ones `kizo incident` draws to a PNG)
   under the chaos runner's fault windows, shown as annotations (shaded regions on every panel)
   and as a state timeline of their own.
 """
@@ -22,7 +22,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kizo.incident import FAULTS_EXPR, INCIDENT, RATE_WINDOW, Panel, Query, rate, sel
+from infra.incident import FAULTS_EXPR, INCIDENT, RATE_WINDOW, Panel, Query, rate, sel
 
 OUT = Path(__file__).resolve().parent / "grafana" / "dashboards"
 DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="kizo-prometheus")

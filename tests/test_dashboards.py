@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from infra import incident
 from infra.commands import UsageError
-from kizo import incident
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "observability" / "grafana"

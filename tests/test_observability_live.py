@@ -14,14 +14,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from infra import prometheus
+from infra import incident, prometheus
 from infra.servers import free_port
-from kizo import incident
 from tests.test_dashboards import _boards, _generator
 
 SCENARIO = "combined-storm"  # a 5xx spell, bank drops, re-drives, a worker killed: every panel
@@ -43,16 +43,18 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         started = time.time()
         done = subprocess.run(
             [sys.executable, "-m", "kizo.cli", "chaos", "run", SCENARIO, "--seed", "1", "--json"],
-            cwd=root, env={**os.environ, "KIZO_HOME": str(root / "home")}, capture_output=True,
+            cwd=root, env={**os.environ, "KIZO_HOME": str(root / "home"),
+                           "KIZO_PROMETHEUS_PORT": str(server.port)}, capture_output=True,
             text=True, timeout=RUN_TIMEOUT_S, check=False,
         )  # fmt: skip
         ended = time.time()
         # Exit 1 is allowed: on a loaded machine a restart may make a step late, which fails
         # the run's strict timeline but not what this module looks at. No money rule may break.
         assert done.returncode in (0, 1), done.stderr[-2000:]
-        assert json.loads(done.stdout)["violations"] == 0, done.stdout
+        report = json.loads(done.stdout)
+        assert report["violations"] == 0, done.stdout
         time.sleep(2)  # the last scrapes and a rule evaluation land
-        yield {"url": server.url, "start": started, "end": ended, "root": root}
+        yield {"url": server.url, "start": started, "end": ended, "root": root, "report": report}
     finally:
         server.stop()
 
@@ -125,3 +127,9 @@ def test_the_fault_windows_are_in_the_incident_views_data_and_png(observed: dict
     found = int(re.search(r"\((\d+) fault windows\)", done.stdout).group(1))  # type: ignore[union-attr]
     assert found >= len(names)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 30_000
+
+
+def test_the_run_drew_its_own_incident_view_from_that_prometheus(observed: dict[str, Any]) -> None:
+    drawn = observed["root"] / Path(observed["report"]["incident_view"])  # relative to the run
+    assert drawn == observed["root"] / "chaos-runs" / f"{SCENARIO}-seed1" / "incident.png"
+    assert drawn.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and drawn.stat().st_size > 30_000

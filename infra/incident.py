@@ -30,6 +30,7 @@ FAULTS_EXPR = f'max by (fault, target) (kizo_chaos_fault_active{{system=~"{SYSTE
 POINTS_MAX = 600  # per series, whatever the span: Prometheus refuses more than 11,000
 QUERY_TIMEOUT_S = 10.0
 SPAN_S_MAX = 7 * 24 * 3600
+RATE_WINDOW_S = 30  # rates over four or more of kizo up's 5 s scrapes
 _RELATIVE = re.compile(r"^([0-9]+)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -191,10 +192,11 @@ def fault_windows(samples: Samples, step_s: float) -> list[tuple[str, float, flo
     return sorted(windows, key=lambda w: w[1])
 
 
-def collect(base: str, start: float, end: float, system: str,
+def collect(base: str, start: float, end: float, system: str, rate_window_s: int = RATE_WINDOW_S,
             ) -> tuple[list[list[Series]], list[tuple[str, float, float]], float]:  # fmt: skip
     step_s = max(1.0, math.ceil((end - start) / POINTS_MAX))
-    window = f"{max(30, int(4 * step_s))}s"
+    # Four scrapes at least (Prometheus needs two samples for a rate), and four steps.
+    window = f"{max(rate_window_s, int(4 * step_s))}s"
     with httpx.Client(timeout=QUERY_TIMEOUT_S) as http:
         panels = []
         for panel in INCIDENT:
@@ -248,9 +250,10 @@ def draw(path: Path, title: str, panels: Sequence[Sequence[Series]],
     plt.close(fig)
 
 
-def render(base: str, start: float, end: float, system: str, path: Path, title: str) -> int:
+def render(base: str, start: float, end: float, system: str, path: Path, title: str,
+           rate_window_s: int = RATE_WINDOW_S) -> int:  # fmt: skip
     """Query and draw; the number of fault windows found."""
-    panels, windows, _ = collect(base, start, end, system)
+    panels, windows, _ = collect(base, start, end, system, rate_window_s)
     draw(path, title, panels, windows, start, end)
     return len(windows)
 
