@@ -8,6 +8,7 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 PROMETHEUS_DIR := $(TOOLS)/prometheus
 PROMTOOL := $(PROMETHEUS_DIR)/usr/bin/promtool
+NODE_CLIENT := tests/node/node_modules/toxiproxy-node-client/package.json
 export UV_PYTHON_DOWNLOADS := never
 
 .PHONY: run test install lint typecheck unit chaos dashboards
@@ -17,7 +18,7 @@ run: install
 		|| echo "make run: Prometheus could not be unpacked; metrics are served, not stored"
 	$(VENV)/bin/kizo up
 
-test: install $(PROMTOOL) lint typecheck unit
+test: install $(PROMTOOL) $(NODE_CLIENT) lint typecheck unit
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -35,6 +36,14 @@ $(PROMTOOL):
 	dpkg -x $(PROMETHEUS_DIR)/deb/prometheus_*.deb $(PROMETHEUS_DIR)
 	rm -rf $(PROMETHEUS_DIR)/deb
 	$(PROMTOOL) --version > /dev/null
+
+# Toxiproxy's Node client for its compatibility test, as locked in tests/node (Debian's nodejs
+# and npm installed first when missing and root).
+$(NODE_CLIENT): tests/node/package-lock.json
+	command -v npm > /dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm; }
+	cd tests/node && npm ci --silent --no-audit --no-fund
+	touch $@
 
 lint:
 	$(VENV)/bin/ruff check .
