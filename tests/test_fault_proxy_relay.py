@@ -20,6 +20,7 @@ from chaos.proxy._relay import THREAD_NAME
 from chaos.proxy.core import Collection
 from chaos.proxy.model import ProxySpec
 from chaos.proxy.server import serve
+from tests.test_fault_proxy import _echo  # the same echo server
 
 WAIT_STEPS_MAX = 500  # of 10 ms: how long a test waits for the proxy to reach a state
 
@@ -30,16 +31,6 @@ class Setup:
     api: httpx.AsyncClient
     port: int  # the proxy "echo", in front of an echo server
     scope: trio.CancelScope  # the proxy process's
-
-
-async def _echo(stream: trio.SocketStream) -> None:
-    try:
-        while data := await stream.receive_some(65536):
-            await stream.send_all(data)
-    except trio.BrokenResourceError:
-        pass
-    finally:
-        await stream.aclose()
 
 
 @pytest.fixture
