@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ import pytest
 import trio
 
 from chaos.proxy import core
-from chaos.proxy._relay import THREAD_NAME
+from chaos.proxy._relay import active_relays, hub_running
 from chaos.proxy.core import Collection
 from chaos.proxy.model import ProxySpec
 from chaos.proxy.server import serve
@@ -53,7 +52,8 @@ async def setup(nursery: trio.Nursery) -> AsyncIterator[Setup]:
 
 
 def _relay_threads() -> int:
-    return sum(1 for t in threading.enumerate() if t.name == THREAD_NAME and t.is_alive())
+    """Directions the relay hub moves now (one thread moves them all)."""
+    return active_relays()
 
 
 def _open_fds() -> int:
@@ -183,6 +183,7 @@ async def test_stopping_the_process_ends_every_thread(setup: Setup) -> None:
     await _until(lambda: _relay_threads() == before + 4)
     setup.scope.cancel()
     await _until(lambda: _relay_threads() == before)
+    await _until(lambda: not hub_running())  # the hub ends with its last relay
     for stream in streams:
         with trio.fail_after(5):
             assert await stream.receive_some(100) == b""

@@ -5,11 +5,11 @@ sends to the server, "downstream" what the server answers. Per direction a reade
 chunk with its arrival time and queues it (bounded); a writer passes it through the proxy's
 toxics of that stream, in order, as they are *now* (toxics apply to open connections too), and
 sends it on. While no toxic applies to a direction and nothing of it is queued, the direction
-is handed to a relay thread of its own (chaos/proxy/_relay.py: poll, read, write, off the event
-loop, up to ``RELAY_THREADS_MAX`` directions at once), which is most of the proxy's cost when it
-injects nothing. When the toxics change the thread is stopped and the reader judges the next
-chunk again (a chunk the thread read after the change comes back unsent), so toxics still apply
-to open connections from their next chunk on. Without a free thread the reader itself sends
+is handed to the relay hub (chaos/proxy/_relay.py: one thread on epoll, read, write, off the
+event loop, up to ``RELAY_THREADS_MAX`` directions at once), which is most of the proxy's cost
+when it injects nothing. When the toxics change the relay is stopped and the reader judges the
+next chunk again (a chunk the hub read after the change comes back unsent), so toxics still
+apply to open connections from their next chunk on. Without a free slot the reader itself sends
 each chunk on (straight non-blocking system calls, 64 KiB reads, no queue, no second task).
 Whether a toxic applies to a connection is rolled once per connection and toxic version against
 its toxicity. Semantics follow Toxiproxy's toxics:
@@ -44,7 +44,7 @@ from typing import Any
 
 import trio
 
-from chaos.proxy._relay import Outcome, Relay, run_in_thread
+from chaos.proxy._relay import Outcome, Relay, run_relay
 from chaos.proxy.model import (
     PROXY_EXISTS,
     PROXY_NOT_FOUND,
@@ -60,9 +60,9 @@ CHUNK_MAX = 32 * 1024
 DIRECT_CHUNK_MAX = 64 * 1024  # a read on the direct path (no toxic applies)
 CHECKPOINT_EVERY = 16  # chunks a reader moves without yielding to the other tasks
 QUEUED_CHUNKS_MAX = 64
-# Directions moved by a relay thread at once, over every proxy; beyond, the direct path runs on
+# Directions moved by the relay hub at once, over every proxy; beyond, the direct path runs on
 # the event loop (same behaviour, slower).
-RELAY_THREADS_MAX = 64
+RELAY_THREADS_MAX = 256
 CONNECT_TIMEOUT_S = 5.0
 _CHANGED = object()  # queued to a writer when the toxics change
 _EOF = object()
@@ -234,7 +234,7 @@ class Link:
         return True
 
     async def _relay(self, stream: str, source_fd: int, sink_fd: int) -> tuple[Outcome, bytes]:
-        """The direction moved by a thread of its own until it ends or the toxics change."""
+        """The direction moved by the relay hub until it ends or the toxics change."""
         borrower = (self, stream)
         self.proxy.relays.acquire_on_behalf_of_nowait(borrower)
         try:
@@ -242,7 +242,7 @@ class Link:
                           functools.partial(self.proxy.counters.add, stream))  # fmt: skip
             self._relays[stream] = relay
             try:
-                return await run_in_thread(relay)
+                return await run_relay(relay)
             finally:
                 del self._relays[stream]
                 relay.close()
@@ -369,7 +369,7 @@ class Proxy:
     def __init__(self, spec: ProxySpec, nursery: trio.Nursery, seed: int,
                  relays: trio.CapacityLimiter) -> None:  # fmt: skip
         self.spec = spec
-        self.relays = relays  # the relay threads, shared by every proxy of the collection
+        self.relays = relays  # the relay hub's slots, shared by every proxy of the collection
         self.toxics: list[Toxic] = []
         self.counters = Counters()
         self._nursery = nursery
