@@ -71,17 +71,24 @@ async def _connect(port: int) -> trio.SocketStream:
     return await trio.open_tcp_stream("127.0.0.1", port)
 
 
+async def _echoed(stream: trio.SocketStream, data: bytes) -> tuple[bytes, float]:
+    """Send ``data`` on ``stream`` and read its echo back whole; the echo and how long it took."""
+    started = trio.current_time()
+    await stream.send_all(data)
+    got = b""
+    with trio.fail_after(10):
+        while len(got) < len(data):
+            chunk = await stream.receive_some(65536)
+            assert chunk, "closed early"
+            got += chunk
+    return got, trio.current_time() - started
+
+
 async def _round_trip(port: int, data: bytes = MESSAGE) -> tuple[bytes, float]:
     started = trio.current_time()
     stream = await _connect(port)
     try:
-        await stream.send_all(data)
-        got = b""
-        with trio.fail_after(10):
-            while len(got) < len(data):
-                chunk = await stream.receive_some(65536)
-                assert chunk, "closed early"
-                got += chunk
+        got, _ = await _echoed(stream, data)
         return got, trio.current_time() - started
     finally:
         await stream.aclose()

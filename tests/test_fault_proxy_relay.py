@@ -19,7 +19,7 @@ from chaos.proxy._relay import active_relays, hub_running
 from chaos.proxy.core import Collection
 from chaos.proxy.model import ProxySpec
 from chaos.proxy.server import serve
-from tests.test_fault_proxy import _echo  # the same echo server
+from tests.test_fault_proxy import _echo, _echoed  # the same echo server and client
 
 WAIT_STEPS_MAX = 500  # of 10 ms: how long a test waits for the proxy to reach a state
 
@@ -67,18 +67,6 @@ async def _until(condition: object) -> None:
             return
         await trio.sleep(0.01)
     raise AssertionError("the proxy did not get there in time")
-
-
-async def _echoed(stream: trio.SocketStream, data: bytes) -> tuple[bytes, float]:
-    started = trio.current_time()
-    await stream.send_all(data)
-    got = b""
-    with trio.fail_after(10):
-        while len(got) < len(data):
-            chunk = await stream.receive_some(65536)
-            assert chunk, "closed early"
-            got += chunk
-    return got, trio.current_time() - started
 
 
 async def _counted(collection: Collection, each_way: int) -> None:
