@@ -14,6 +14,12 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", type=int, default=0, help="this worker's index (with --of)")
     parser.add_argument("--of", type=int, default=1, help="how many workers share the shards")
     parser.add_argument(
+        "--lease",
+        action="store_true",
+        help="hold shards by lease, shared with every other --lease worker on any host "
+        "(KIZO_SHARD_LEASE_TTL_S; docs/pipeline.md)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=bounded_int(0, 65535),
         default=0,
@@ -25,6 +31,10 @@ def _shards(config: Config, args: argparse.Namespace) -> list[int]:
     from actors.worker import owned_shards
 
     total = config.pipeline.shards
+    if args.lease:
+        if args.shards or args.index or args.of != 1:
+            raise UsageError("--lease takes no --shards, --index or --of: leases decide")
+        return list(range(total))
     if args.shards:
         try:
             shards = sorted({int(s) for s in args.shards.split(",")})
@@ -48,6 +58,7 @@ def _worker(config: Config, args: argparse.Namespace) -> int:
         config.bank_url(),
         _shards(config, args),
         args.metrics_port,
+        config.pipeline.shard_lease_ttl_s if args.lease else 0.0,
     )
     aio.run(main(config, spec))
     return 0

@@ -12,10 +12,13 @@ it answers there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import socket
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +26,7 @@ import structlog
 from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
 from saq import Worker
 from saq.types import Context, PartialTimersDict
 
@@ -30,6 +34,7 @@ from actors._actor import Limits, Registry
 from actors._committer import Committer
 from actors._metrics import SHARDS_OWNED
 from actors.bank_client import BankClient
+from actors.leases import ShardLeases, surplus
 from actors.routing import SETTLE_JOB, SETTLE_MANY_JOB, QueueSet
 from infra.config import MUTATION_HELP, Config
 from infra.db import create_pool, redis_client
@@ -53,8 +58,9 @@ class WorkerSpec:
     database_url: str
     redis_url: str
     bank_url: str
-    shards: Sequence[int]
+    shards: Sequence[int]  # the shards it consumes; with leases, those it may hold (all)
     metrics_port: int = 0  # 0: no metrics endpoint (workers started inside tests)
+    lease_ttl_s: float = 0.0  # > 0: shards held by lease (actors/leases.py), not fixed
 
 
 def owned_shards(total: int, index: int, of: int) -> list[int]:
@@ -101,9 +107,13 @@ async def run_worker(config: Config, spec: WorkerSpec, stop: asyncio.Event) -> N
     # pool waits when full (SAQ's consumers are not bounded below it): a blocking dequeue holds
     # its connection for at most DEQUEUE_TIMEOUT_S, far less than the wait.
     per_shard = max(SHARD_CONCURRENCY_MIN, p.worker_concurrency // len(spec.shards))
+    connections_max = (per_shard + UPKEEP_CONNECTIONS) * len(spec.shards)
+    if spec.lease_ttl_s:  # whatever share it ends up holding, up to every shard
+        reserve = (SHARD_CONCURRENCY_MIN + UPKEEP_CONNECTIONS) * len(spec.shards)
+        connections_max = p.worker_concurrency + reserve
     redis = redis_client(
         spec.redis_url,
-        connections_max=(per_shard + UPKEEP_CONNECTIONS) * len(spec.shards),
+        connections_max=connections_max,
         wait_s=config.pools.wait_s,
         socket_timeout_s=WORKER_REDIS_SOCKET_TIMEOUT_S,
         connect_timeout_s=config.pools.redis_connect_timeout_s,
@@ -132,19 +142,35 @@ async def run_worker(config: Config, spec: WorkerSpec, stop: asyncio.Event) -> N
         async with asyncio.TaskGroup() as tg:
             registry = Registry(tg, pool, committer, bank, limits)
             committer_task = tg.create_task(committer.run())
-            workers = [_saq_worker(queues.queues[s], registry, per_shard) for s in spec.shards]
-            for w in workers:
-                tg.create_task(w.start())
-            log.info("worker_started", shards=list(spec.shards))
+            consumers = _Consumers(tg, queues, registry)
+            leases: ShardLeases | None = None
+            if spec.lease_ttl_s:
+                leases = ShardLeases(redis, _worker_id(), len(spec.shards), spec.lease_ttl_s)
+                held = await _lease_round(leases, consumers, p.worker_concurrency)
+                log.info("worker_started", leases=leases.worker_id, shards=sorted(held))
+            else:
+                for s in spec.shards:
+                    consumers.start(s, per_shard)
+                log.info("worker_started", shards=list(spec.shards))
             if spec.metrics_port:
                 await redis.ping()  # the pool proved PostgreSQL; serve only once Redis answers
-                SHARDS_OWNED.set(len(spec.shards))
+                SHARDS_OWNED.set(len(consumers.running))
                 REGISTRY.register(_ActorsCollector(registry))
                 # A daemon thread: it ends with the process, which ends when this returns.
                 start_http_server(spec.metrics_port, addr=config.host)
-            await stop.wait()
+            if leases is None:
+                await stop.wait()
+            else:
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), leases.round_every_s)
+                    if not stop.is_set():
+                        held = await _lease_round(leases, consumers, p.worker_concurrency, held)
             log.info("worker_stopping")
-            await asyncio.gather(*(w.stop() for w in workers))
+            await consumers.stop(list(consumers.running))
+            if leases is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await leases.leave(held)
             committer_task.cancel()
             raise _Stopped
     except* _Stopped:
@@ -154,6 +180,78 @@ async def run_worker(config: Config, spec: WorkerSpec, stop: asyncio.Event) -> N
         await redis.aclose()
         await pool.close()
         log.info("worker_stopped")
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class _Consumers:
+    """The SAQ consumers this worker runs now, one per shard it consumes."""
+
+    def __init__(self, tg: asyncio.TaskGroup, queues: QueueSet, registry: Registry) -> None:
+        self._tg, self._queues, self._registry = tg, queues, registry
+        self.running: dict[int, Worker[SettleContext]] = {}
+        self.stopping: set[int] = set()  # shards whose consumer is finishing its jobs
+
+    def start(self, shard: int, concurrency: int) -> None:
+        worker = _saq_worker(self._queues.queues[shard], self._registry, concurrency)
+        self.running[shard] = worker
+        self._tg.create_task(worker.start())
+
+    async def stop(self, shards: Iterable[int]) -> None:
+        """Stops consuming ``shards``: in-flight jobs get the grace period to finish."""
+        stopping = [self.running.pop(s) for s in shards if s in self.running]
+        await asyncio.gather(*(w.stop() for w in stopping))
+
+    def stop_soon(self, shards: Iterable[int], then: Callable[[int], Awaitable[object]] | None
+                  ) -> None:  # fmt: skip
+        """Stops consuming ``shards`` in the background (the grace period outlasts a lease
+        round: rounds must go on meanwhile), then calls ``then`` for each."""
+        for shard in shards:
+            worker = self.running.pop(shard, None)
+            if worker is not None:
+                self.stopping.add(shard)
+                self._tg.create_task(self._stop_one(shard, worker, then))
+
+    async def _stop_one(self, shard: int, worker: Worker[SettleContext],
+                        then: Callable[[int], Awaitable[object]] | None) -> None:  # fmt: skip
+        try:
+            await worker.stop()
+            if then is not None:
+                with contextlib.suppress(RedisError, OSError):  # else it expires: taken later
+                    await then(shard)
+        finally:
+            self.stopping.discard(shard)
+
+
+async def _lease_round(leases: ShardLeases, consumers: _Consumers, concurrency: int,
+                       held: frozenset[int] = frozenset()) -> frozenset[int]:  # fmt: skip
+    """One lease round: consume exactly the shards held, hand surplus ones back once their
+    consumer has stopped. Returns the shards held afterwards (``held`` unchanged when Redis did
+    not answer: the consumers cannot dequeue meanwhile either, and the next round tells what is
+    still ours)."""
+    try:
+        now = await leases.round()
+    except (RedisError, OSError) as exc:
+        log.warning("shard_lease_round_failed", error=str(exc))
+        return held
+    lost = [s for s in consumers.running if s not in now.held]
+    if lost:
+        log.warning("shards_lost", shards=lost)  # expired while we were away: others have them
+        consumers.stop_soon(lost, None)
+    handed = [s for s in surplus(now.held, now.share) if s in consumers.running]
+    consumers.stop_soon(handed, leases.release)  # the lease is renewed until it is released
+    keep = now.held - set(surplus(now.held, now.share)) - consumers.stopping
+    gained = sorted(s for s in keep if s not in consumers.running)
+    per_shard = max(SHARD_CONCURRENCY_MIN, concurrency // max(1, now.share))
+    for s in gained:
+        consumers.start(s, per_shard)
+    if gained or lost or handed:
+        log.info("shard_leases", held=sorted(consumers.running), gained=gained, lost=lost,
+                 handed_back=handed, share=now.share, workers=now.live)  # fmt: skip
+    SHARDS_OWNED.set(len(consumers.running))
+    return now.held
 
 
 class _ActorsCollector(Collector):

@@ -133,6 +133,9 @@ class PipelineConfig:
     worker_metrics_port: int = 8210  # worker i of kizo up serves /metrics on this port + i
     bank_timeout_s: float = 5.0
     bank_retries_max: int = 3
+    # A `kizo worker --lease` that stops renewing (dead, paused, cut off) loses its shards after
+    # this long; the others take them at their next round (a third of it).
+    shard_lease_ttl_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -364,6 +367,9 @@ class Config:
             janitor_metrics_port=_int(env, "KIZO_JANITOR_METRICS_PORT", 8201, low=1, high=65535),
             worker_metrics_port=_int(env, "KIZO_WORKER_METRICS_PORT", 8210, low=1, high=65535 - 64),
             bank_timeout_s=_float(env, "KIZO_BANK_TIMEOUT_S", 5.0, low=0.05, high=120),
+            shard_lease_ttl_s=_float(
+                env, "KIZO_SHARD_LEASE_TTL_S", PipelineConfig.shard_lease_ttl_s, low=0.3, high=600
+            ),
         )
         pools = PoolsConfig(
             wait_s=_float(env, "KIZO_POOL_WAIT_S", PoolsConfig.wait_s, low=0.1, high=600),
