@@ -7,7 +7,7 @@ import {
 
 // Polling (docs/web.md): fast while a transaction of the page is still open, slow otherwise.
 const POLL_OPEN_MS = 1000;
-const POLL_IDLE_MS = 15000;
+const POLL_IDLE_MS = 3000;
 const PAGE_SIZE = 20;
 const OPEN_REFETCH_MAX = 10; // open rows beyond the first page re-read per poll
 // A payment is retried with its key on no answer, 503 or 409 (in flight): at most this often.
@@ -142,13 +142,14 @@ function render() {
 
 // A payment form's message follows its transaction until it is final.
 function followWatched() {
-  for (const [id, form] of state.watched) {
+  for (const [id, { form, replayed }] of state.watched) {
     const txn = state.rows.get(id);
     if (!txn || isOpen(txn)) continue;
     state.watched.delete(id);
     const msg = form.querySelector(".msg");
-    if (txn.status === "settled") say(msg, `${describeTxn(txn)}: settled.`, "ok");
-    else say(msg, `${describeTxn(txn)}: failed, ${reason(txn.failure_reason)}.`, "error");
+    const before = replayed ? "Already accepted earlier, so not paid twice. " : "";
+    if (txn.status === "settled") say(msg, `${before}${describeTxn(txn)}: settled.`, "ok");
+    else say(msg, `${before}${describeTxn(txn)}: failed, ${reason(txn.failure_reason)}.`, "error");
   }
 }
 
@@ -162,8 +163,11 @@ function schedule() {
 async function poll() {
   if (!session.signedIn()) return;
   if (!document.hidden) {
-    await Promise.all([loadBalance(), loadFirstPage()]);
+    // History first, then the balance: a status read as final is in the balance read after it
+    // (the ledger changes both in one transaction).
+    await loadFirstPage();
     await refetchOpen();
+    await loadBalance();
     render();
   }
   schedule();
@@ -237,9 +241,9 @@ function settle(form, answer) {
     form.reset();
     const replayed = answer.headers.get("Idempotent-Replayed") === "true";
     say(msg, replayed
-      ? `Already accepted earlier: ${describeTxn(txn)} is the same payment, not a new one. Waiting for settlement…`
+      ? `Already accepted earlier, so not paid twice: ${describeTxn(txn)} is the same payment. Settling…`
       : `${describeTxn(txn)}: accepted, settling…`, "wait");
-    state.watched.set(txn.id, form);
+    state.watched.set(txn.id, { form, replayed });
     merge([txn], false);
     render();
     poll();
@@ -336,7 +340,8 @@ async function start() {
   show("wallet");
   notice("");
   $("#wallet-title").focus();
-  await Promise.all([loadBalance(), loadFirstPage()]);
+  await loadFirstPage();
+  await loadBalance();
   schedule();
 }
 

@@ -124,9 +124,9 @@ function refresh() {
 }
 
 function expiring() {
-  // Refresh a little before expiry (a quarter of the lifetime, at most 30 s), so a request
-  // does not leave with a token that expires on its way.
-  const margin = Math.min(30000, accessLifetimeMs / 4);
+  // Refresh a little before expiry (a quarter of the lifetime, 1.5 to 30 s), so a request does
+  // not leave with a token that expires on its way (the token's expiry is in whole seconds).
+  const margin = Math.min(30000, Math.max(1500, accessLifetimeMs / 4));
   return access === null || Date.now() >= accessExpiresAt - margin;
 }
 
