@@ -38,7 +38,7 @@ function rows(table, items, cells) {
 function overview(o) {
   const lag = o.settlement_lag;
   figures($("#lag"), [
-    ["Oldest open intent", seconds(o.backlog.oldest_open_age_s)],
+    ["Oldest open intent", o.backlog.oldest_open_age_s === null ? "none open" : seconds(o.backlog.oldest_open_age_s)],
     ["p50 since workers started", seconds(lag.p50_s)],
     ["p99 since workers started", seconds(lag.p99_s)],
     ["Settled or failed, counted", `${lag.count} (workers answering: ${lag.reachable} of ${lag.workers})`],

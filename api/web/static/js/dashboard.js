@@ -72,12 +72,17 @@ function merge(items, append) {
   }
 }
 
+function more(page) {
+  return page.items.length < PAGE_SIZE ? null : page.next_cursor;
+}
+
 async function loadFirstPage() {
   const answer = await call("GET", `/api/v1/transactions?limit=${PAGE_SIZE}`);
   if (answer === null) return;
   if (!answer.ok) return notice(describe(answer), "error");
   merge(answer.body.items, false);
-  if (state.cursor === null && state.order.length <= PAGE_SIZE) state.cursor = answer.body.next_cursor;
+  // The API gives a cursor after any non-empty page; a short page is the last one.
+  if (state.order.length <= PAGE_SIZE) state.cursor = more(answer.body);
   render();
 }
 
@@ -87,7 +92,7 @@ async function loadMore() {
   if (answer === null) return;
   if (!answer.ok) return notice(describe(answer), "error");
   merge(answer.body.items, true);
-  state.cursor = answer.body.next_cursor;
+  state.cursor = more(answer.body);
   render();
 }
 
