@@ -307,6 +307,7 @@ def test_each_problem_the_api_returns_has_a_clear_message(
     pay(page, "#withdraw-form", "abc")
     expect(page.locator("#withdraw-form .field-error")).to_contain_text("greater than zero")
     _shot(page, "dashboard-problems-desktop")
+    _axe(page, "wallet with errors")
     tab.close(allowed="Failed to load resource")
 
 
