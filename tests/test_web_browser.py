@@ -42,6 +42,7 @@ SETTLE_TIMEOUT_MS = 20_000
 PASSWORD = "correct horse battery"
 GRAFANA = "http://127.0.0.1:3000"
 SERIOUS = {"serious", "critical"}
+PAGE_SIZE = 20  # the wallet's history page (api/web/static/js/dashboard.js)
 
 
 def _journal(root: Path) -> None:
@@ -202,25 +203,35 @@ def test_journey_two_users_deposit_transfer_settle_and_export(
     settled(bob.page, 1)
     expect(first_row(bob.page)).to_contain_text(alice_email)
     expect(bob.page.locator("#bal-available")).to_have_text("30.25 USD")
+    pay(alice.page, "#withdraw-form", "9.75")
+    settled(alice.page, 3)
+    expect(alice.page.locator("#bal-available")).to_have_text("60.00 USD")
+    expect(alice.page.locator("#bal-pending")).to_have_text("0.00 USD")
     _shot(alice.page, "dashboard-desktop")
     _shot(bob.page, "dashboard-phone")
     _axe(alice.page, "dashboard, desktop")
     _axe(bob.page, "dashboard, phone")
 
-    first_row(alice.page).get_by_role("button").click()
+    # By keyboard: the transfer's detail opens with Enter, closes with Escape, and the focus
+    # goes back to where it was.
+    keyboard = alice.page.keyboard
+    details = alice.page.locator("#history-rows tr").nth(1).get_by_role("button")
+    details.focus()
+    keyboard.press("Enter")
     dialog = alice.page.get_by_role("dialog")
     expect(dialog).to_contain_text(bob_email)
     expect(dialog).to_contain_text("Settled")
     _axe(alice.page, "transaction detail")
-    alice.page.keyboard.press("Escape")
+    keyboard.press("Escape")
     expect(dialog).to_be_hidden()
+    expect(alice.page.locator("#history-rows tr").nth(1).get_by_role("button")).to_be_focused()
 
     with alice.page.expect_download() as download:
         alice.page.get_by_role("button", name="Export CSV").click()
     rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
-    assert len(rows) == 2
+    assert len(rows) == 3
     assert {r["status"] for r in rows} == {"settled"}
-    assert sorted(int(r["amount"]) for r in rows) == [3025, 10000]
+    assert sorted(int(r["amount"]) for r in rows) == [975, 3025, 10000]
     alice.close()
     bob.close()
 
@@ -231,11 +242,15 @@ def test_a_double_click_and_a_lost_answer_each_pay_once(
     tab = _tab(tabs, browser, stack)
     page = tab.page
     sign_up(page, "Carol", _email("carol"))
+    sent: list[str | None] = []
+    page.on("request", lambda r: sent.append(r.headers.get("idempotency-key"))
+            if r.url.endswith("/payments/deposit") else None)  # fmt: skip
     page.locator("#deposit-form").get_by_label(re.compile("^Amount")).fill("5")
     page.locator("#deposit-form button[type=submit]").dblclick()
     settled(page, 1)
-    page.wait_for_timeout(1500)  # a second payment, had there been one, would show by now
+    page.wait_for_timeout(500)  # a poll after the one that showed it settled
     expect(page.locator("#history-rows tr")).to_have_count(1)
+    assert len(sent) == 1 and sent[0], sent  # the second click sent nothing
 
     # The answer to the next deposit is lost after the API recorded it: the page says so, and
     # pressing again resends the same key, which the API replays instead of paying again.
@@ -391,6 +406,36 @@ def test_a_session_outlives_its_access_token(
     tab.close()
 
 
+def test_history_pages_back_with_load_older(
+    browser: Browser, stack: System, tabs: list[Tab]
+) -> None:
+    email = _email("heidi")
+    with httpx.Client(base_url=stack.api_url, timeout=10) as api:
+        body = {"email": email, "password": PASSWORD, "name": "Heidi"}
+        created = api.post("/api/v1/auth/signup", json=body)
+        assert created.status_code == 201, created.text
+        auth = {"Authorization": f"Bearer {created.json()['access_token']}"}
+        for i in range(PAGE_SIZE + 1):
+            paid = api.post("/api/v1/payments/deposit", json={"amount": 100 + i},
+                            headers=auth | {"Idempotency-Key": f"page-{i}"})  # fmt: skip
+            assert paid.status_code == 202, paid.text
+    tab = _tab(tabs, browser, stack, PHONE)
+    page = tab.page
+    page.goto("/app")
+    signin = page.locator("#signin-form")
+    signin.get_by_label("Email").fill(email)
+    signin.get_by_label("Password").fill(PASSWORD)
+    signin.get_by_role("button", name="Sign in").click()
+    rows = page.locator("#history-rows tr")
+    expect(rows).to_have_count(PAGE_SIZE)
+    expect(first_row(page)).to_contain_text("+1.20 USD")  # the newest, 100 + PAGE_SIZE cents
+    page.get_by_role("button", name="Load older").click()
+    expect(rows).to_have_count(PAGE_SIZE + 1)
+    expect(rows.last).to_contain_text("+1.00 USD")
+    expect(page.get_by_role("button", name="Load older")).to_be_hidden()
+    tab.close()
+
+
 def test_landing_page_figures_meta_and_accessibility(
     browser: Browser, stack: System, tabs: list[Tab]
 ) -> None:
@@ -402,6 +447,10 @@ def test_landing_page_figures_meta_and_accessibility(
         page.goto("/")
         assert time.monotonic() - started < 5
         expect(page).to_have_title(re.compile("Kizo"))
+        page.keyboard.press("Tab")  # the skip link comes first, and leads to the content
+        expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
+        page.keyboard.press("Enter")
+        expect(page.locator("main")).to_be_focused()
         description = page.locator('meta[name="description"]').get_attribute("content")
         assert description and len(description) > 50
         assert page.locator('meta[name="viewport"]').count() == 1

@@ -21,6 +21,7 @@ const state = {
   order: [],
   cursor: null,
   timer: null,
+  quietUntil: 0, // no poll before this time (a 429's Retry-After)
   watched: new Map(), // id -> the form whose message follows this transaction
 };
 
@@ -36,12 +37,18 @@ function notice(text, kind = "") {
 }
 
 async function call(method, path, options) {
+  let answer;
   try {
-    return await session.api(method, path, options);
+    answer = await session.api(method, path, options);
   } catch (error) {
     if (error instanceof session.SessionEnded) return null;
     throw error;
   }
+  if (answer.status === 429) {
+    // Rate limited: polling waits as long as the API asks before it reads again.
+    state.quietUntil = Date.now() + 1000 * Number(answer.headers.get("Retry-After") || 1);
+  }
+  return answer;
 }
 
 // ---- balance and history ----
@@ -162,7 +169,8 @@ function followWatched() {
 function schedule() {
   clearTimeout(state.timer);
   const open = state.watched.size > 0 || state.order.some((id) => isOpen(state.rows.get(id)));
-  state.timer = setTimeout(poll, open ? POLL_OPEN_MS : POLL_IDLE_MS);
+  const wait = Math.max(open ? POLL_OPEN_MS : POLL_IDLE_MS, state.quietUntil - Date.now());
+  state.timer = setTimeout(poll, wait);
 }
 
 async function poll() {
