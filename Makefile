@@ -9,6 +9,7 @@ VENV := .venv
 PROMETHEUS_DIR := $(TOOLS)/prometheus
 PROMTOOL := $(PROMETHEUS_DIR)/usr/bin/promtool
 NODE_CLIENT := tests/node/node_modules/toxiproxy-node-client/package.json
+CHROMIUM := /usr/bin/chromium
 export UV_PYTHON_DOWNLOADS := never
 
 .PHONY: run test install lint typecheck unit chaos dashboards
@@ -18,7 +19,7 @@ run: install
 		|| echo "make run: Prometheus could not be unpacked; metrics are served, not stored"
 	$(VENV)/bin/kizo up
 
-test: install $(PROMTOOL) $(NODE_CLIENT) lint typecheck unit
+test: install $(PROMTOOL) $(NODE_CLIENT) $(CHROMIUM) lint typecheck unit
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -45,6 +46,13 @@ $(NODE_CLIENT): tests/node/package-lock.json
 	cd tests/node && npm ci --silent --no-audit --no-fund
 	touch $@
 
+# Debian's Chromium for the browser tests of the web pages (Playwright cannot download its own
+# browsers here); installed when missing and root, else the tests say what is missing.
+$(CHROMIUM):
+	if [ "$$(id -u)" = 0 ]; then apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	else echo "make test: $(CHROMIUM) is missing and only root can install it: the browser tests will fail"; fi
+
 lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
@@ -52,8 +60,9 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy
 
+# loadgroup: the browser tests (one xdist group) share one system and one browser on one worker.
 unit:
-	$(VENV)/bin/pytest -n 2
+	$(VENV)/bin/pytest -n 2 --dist loadgroup
 
 # The fault-injection job: every scenario and the broken build (`make test` runs four scenarios and the broken build itself).
 chaos:

@@ -133,6 +133,78 @@ class RearmedOut(BaseModel):
     ids: list[str]
 
 
+class BacklogOut(BaseModel):
+    open: int
+    oldest_open_age_s: float | None
+
+
+class JanitorOut(BaseModel):
+    reachable: bool
+    error: str | None = None
+    passes: dict[str, int] | None = None
+    last_pass_age_s: float | None = None
+    findings: dict[str, int] | None = None
+    unresolved: int | None = None
+    queued: int | None = None
+    queue_depth: dict[str, int] | None = None
+
+
+class LagOut(BaseModel):
+    workers: int
+    reachable: int
+    count: int
+    p50_s: float | Literal["+Inf"] | None
+    p99_s: float | Literal["+Inf"] | None
+
+
+class OverviewOut(BaseModel):
+    backlog: BacklogOut
+    settlement_lag: LagOut
+    janitor: JanitorOut
+    needs_attention: NeedsAttentionOut
+    findings: FindingsOut
+    grafana_url: str | None
+
+
+class ToxicOut(BaseModel):
+    name: str
+    type: str
+    stream: str
+    toxicity: float
+    attributes: dict[str, int | float | str | bool]
+
+
+class ProxyOut(BaseModel):
+    name: str
+    enabled: bool
+    listen: str
+    upstream: str
+    toxics: list[ToxicOut]
+
+
+class FaultsOut(BaseModel):
+    reachable: bool
+    error: str | None = None
+    active: int = 0
+    proxies: list[ProxyOut]
+
+
+class ChaosRunOut(BaseModel):
+    run: str
+    scenario: str
+    seed: int | None
+    mutation: str | None
+    verdict: str
+    violations: int | None
+    lag_p99_ms: float | None
+    convergence_s: float | None
+    finished_at: str
+
+
+class ChaosRunsOut(BaseModel):
+    items: list[ChaosRunOut]
+
+
 class HealthOut(BaseModel):
     status: Literal["ok"]
 

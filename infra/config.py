@@ -243,6 +243,8 @@ def _auth(env: Mapping[str, str]) -> AuthConfig:
         hash_processes=_int(env, "KIZO_HASH_PROCESSES", d.hash_processes, low=1, high=64),
         hash_duty_pct=_int(env, "KIZO_HASH_DUTY_PCT", d.hash_duty_pct, low=1, high=100),
         hash_hold_ms=_int(env, "KIZO_HASH_HOLD_MS", d.hash_hold_ms, low=0, high=10_000),
+        # Short only in tests and demos of the web dashboard's refresh (docs/web.md).
+        access_ttl_s=_int(env, "KIZO_ACCESS_TTL_S", d.access_ttl_s, low=1, high=86_400),
         keyring_reload_s=_float(
             env, "KIZO_KEYRING_RELOAD_S", d.keyring_reload_s, low=0.1, high=3600
         ),
@@ -278,6 +280,9 @@ class Config:
     chaos_metrics_port: int = 0  # `kizo chaos run` serves /metrics here; 0: a free port
     grafana_url: str = ""  # KIZO_GRAFANA_URL: chaos runs post their fault windows there
     grafana_token: str = field(default="", repr=False)  # KIZO_GRAFANA_TOKEN
+    # KIZO_CHAOS_RUNS_DIR: where the operations console reads chaos journals (`kizo chaos run`
+    # writes chaos-runs/ under its working directory unless told otherwise).
+    chaos_runs_dir: Path = field(default_factory=lambda: Path("chaos-runs"))
     prometheus_port: int = 9090  # kizo up's Prometheus, when its binary is found; 0: none
     proxy_file: str = ""  # the fault proxy's proxies: "" the shipped file, "none" no proxies
     bank_url_override: str | None = None  # KIZO_BANK_URL: where workers reach the bank
@@ -406,6 +411,7 @@ class Config:
             chaos_metrics_port=_int(env, "KIZO_CHAOS_METRICS_PORT", 0, low=0, high=65535),
             grafana_url=env.get("KIZO_GRAFANA_URL", ""),
             grafana_token=env.get("KIZO_GRAFANA_TOKEN", ""),
+            chaos_runs_dir=Path(_str(env, "KIZO_CHAOS_RUNS_DIR", "chaos-runs")).expanduser(),
             prometheus_port=_int(env, "KIZO_PROMETHEUS_PORT", 9090, low=0, high=65535),
             proxy_file=_str(env, "KIZO_PROXY_FILE", ""),
             bank_url_override=_http_url(env, "KIZO_BANK_URL"),
