@@ -136,6 +136,7 @@ class PipelineConfig:
     # A `kizo worker --lease` that stops renewing (dead, paused, cut off) loses its shards after
     # this long; the others take them at their next round (a third of it).
     shard_lease_ttl_s: float = 10.0
+    worker_leases: bool = False  # kizo up's workers hold shards by lease (KIZO_WORKER_LEASES=1)
 
 
 @dataclass(frozen=True)
@@ -375,6 +376,7 @@ class Config:
             shard_lease_ttl_s=_float(
                 env, "KIZO_SHARD_LEASE_TTL_S", PipelineConfig.shard_lease_ttl_s, low=0.3, high=600
             ),
+            worker_leases=_int(env, "KIZO_WORKER_LEASES", 0, low=0, high=1) == 1,
         )
         pools = PoolsConfig(
             wait_s=_float(env, "KIZO_POOL_WAIT_S", PoolsConfig.wait_s, low=0.1, high=600),

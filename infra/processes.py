@@ -61,8 +61,8 @@ def children(config: Config) -> list[Child]:
         Child("proxy", ["proxy"], f"{proxy}/version", proxy, f"{host}:{config.proxy_api_port}"),
         Child("bank", ["bank"], f"{bank}/health", bank, f"{host}:{config.bank_port}"),
         # Each worker serves its metrics on a port of its own: the base plus its index.
-        *(_worker(host, i, workers, config.pipeline.worker_metrics_port + i)
-          for i in range(workers)),
+        *(_worker(host, i, workers, config.pipeline.worker_metrics_port + i,
+                  config.pipeline.worker_leases) for i in range(workers)),
         Child("janitor", ["janitor"], janitor, janitor,
               f"{host}:{config.pipeline.janitor_metrics_port}"),
         Child("api", ["api"], f"{api}/health", f"{api}/api/v1", f"{host}:{config.api_port}"),
@@ -74,8 +74,9 @@ def metrics_targets(started: Sequence[Child]) -> list[Target]:
     return [Target(c.role, c.name, c.metrics) for c in started if c.metrics]
 
 
-def _worker(host: str, index: int, of: int, port: int) -> Child:
-    args = ["worker", "--index", str(index), "--of", str(of), "--metrics-port", str(port)]
+def _worker(host: str, index: int, of: int, port: int, leases: bool) -> Child:
+    shards = ["--lease"] if leases else ["--index", str(index), "--of", str(of)]
+    args = ["worker", *shards, "--metrics-port", str(port)]
     metrics = f"http://{host}:{port}/metrics"
     return Child(f"worker-{index}", args, metrics, metrics, f"{host}:{port}")
 

@@ -171,3 +171,26 @@ async def _run_two_workers(servers: ServerSet, db_url: str, own_bank: BankProces
         "SELECT count(*) FROM transactions WHERE kind = 'transfer' AND status = 'settled'"
     )
     assert settled > 0 and postings == 2 * settled  # each settled exactly once
+
+
+def test_kizo_up_starts_lease_workers_when_asked() -> None:
+    from infra.config import Config
+    from infra.processes import children
+
+    leased = Config.from_env({"KIZO_WORKER_LEASES": "1", "KIZO_WORKERS": "2"})
+    fixed = Config.from_env({"KIZO_WORKERS": "2"})
+    lease_args = [c.args[:2] for c in children(leased) if c.role == "worker"]
+    assert lease_args == [["worker", "--lease"]] * 2
+    assert [c.args[1:5] for c in children(fixed) if c.role == "worker"] == [
+        ["--index", "0", "--of", "2"],
+        ["--index", "1", "--of", "2"],
+    ]
+
+
+def test_lease_with_fixed_shards_is_a_usage_error() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kizo.cli", "worker", "--lease", "--of", "2"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "--lease takes no --shards" in done.stderr and "Traceback" not in done.stderr
