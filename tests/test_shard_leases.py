@@ -30,7 +30,7 @@ from tests._pipeline_helpers import (
 from tests.conftest import BankProcess, ServerSet, kizo_env
 from tests.test_pipeline_faults import FAST
 
-LEASE_TTL_S = 1.5
+LEASE_TTL_S = 3.0
 
 
 async def _holders(redis: Redis, shards: int, prefix: str = PREFIX) -> dict[int, str | None]:
@@ -117,7 +117,7 @@ async def _run_two_workers(servers: ServerSet, db_url: str, own_bank: BankProces
                            deps: JanitorDeps, redis: Redis) -> None:  # fmt: skip
     rng = random.Random(5)
     users = await bank_funded(deps.pool, deps.bank, [50_000] * 40)
-    pairs = [rng.sample(users, 2) for _ in range(4000)]
+    pairs = [rng.sample(users, 2) for _ in range(1500)]
     new = [NewIntent("transfer", a, b, rng.randint(1, 100)) for a, b in pairs]
     ids = await intents(deps.pool, new)
     workers = [_lease_worker(servers, db_url, own_bank.url) for _ in range(2)]
@@ -138,18 +138,20 @@ async def _run_two_workers(servers: ServerSet, db_url: str, own_bank: BankProces
             if done > 0:
                 break
             await asyncio.sleep(0.01)
-        holders = await _holders(redis, SHARDS)
-        assert stop_worker(workers[0], signal.SIGKILL) == -signal.SIGKILL
+        # the victim: a worker holding shards now (under load one may hold them all for a while)
+        holding = {h.split(":")[1] for h in (await _holders(redis, SHARDS)).values() if h}
+        victim = next(w for w in workers if str(w.pid) in holding)
+        survivor = next(w for w in workers if w is not victim)
+        assert stop_worker(victim, signal.SIGKILL) == -signal.SIGKILL
         assert 0 < done < len(ids)
-        survivor = {h for h in holders.values()} - {None}
-        assert len(survivor) == 2
 
         async def taken_over() -> bool:
-            return len(set((await _holders(redis, SHARDS)).values())) == 1
+            holders = set((await _holders(redis, SHARDS)).values())
+            return len(holders) == 1 and str(survivor.pid) in str(holders.pop()).split(":")
 
         took_s = await _until(taken_over, LEASE_TTL_S * 4 + 5, "the dead worker's shards taken")
         # the bound: the time to live, then the survivor's next round (a third of it), plus slack
-        assert took_s <= LEASE_TTL_S * 4 / 3 + 2.0, took_s
+        assert took_s <= LEASE_TTL_S * 4 / 3 + 3.0, took_s
         task = asyncio.ensure_future(wait_final(deps.pool, ids, timeout_s=90))
         try:  # the dead worker's jobs were "active" in SAQ: the janitor re-drives their intents
             while not task.done():
