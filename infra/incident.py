@@ -208,8 +208,15 @@ def collect(base: str, start: float, end: float, system: str, rate_window_s: int
                                          tuple(p[0] for p in points),
                                          tuple(p[1] for p in points)))  # fmt: skip
             panels.append(series)
-        faults = query_range(http, base, instantiate(FAULTS_EXPR, system), start, end, step_s)
+        faults = query_range(http, base, faults_over(system, step_s), start, end, step_s)
     return panels, fault_windows(faults, step_s), step_s
+
+
+def faults_over(system: str, step_s: float) -> str:
+    """The faults active at any scrape within each step, not only at the step's instant: a
+    fault shorter than a step (a two-second Redis outage) must not fall between the points."""
+    inner = f'kizo_chaos_fault_active{{system=~"{system}"}}[{max(1, math.ceil(step_s))}s]'
+    return f"max by (fault, target) (max_over_time({inner}))"
 
 
 Window = tuple[str, float, float]  # a fault's name, its start and end (epoch seconds)

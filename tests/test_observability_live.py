@@ -112,7 +112,7 @@ def test_recording_rules_have_data_and_alerts_have_their_inputs(observed: dict[s
 
 def test_the_fault_windows_are_in_the_incident_views_data_and_png(observed: dict[str, Any]) -> None:
     url, start, end = observed["url"], observed["start"], observed["end"]
-    faults = _range(url, incident.instantiate(incident.FAULTS_EXPR, "chaos"), start, end)
+    faults = _range(url, incident.faults_over("chaos", STEP_S), start, end)
     windows = incident.fault_windows(faults, STEP_S)
     names = {name for name, _, _ in windows}
     assert {"latency postgres", "disabled redis", "killed worker-0", "bank_faults bank"} <= names
