@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
@@ -80,6 +81,33 @@ async def wait_final(
         if time.monotonic() > deadline:
             raise AssertionError(f"not final within {timeout_s}s: {counts}")
         await asyncio.sleep(0.1)
+
+
+async def until_some_final(pool: asyncpg.Pool, txn_ids: Sequence[uuid.UUID]) -> int:
+    """Waits (bounded, 6 s) until some of ``txn_ids`` have left ``pending``; returns how many."""
+    done = 0
+    for _ in range(600):
+        done = await pool.fetchval(
+            "SELECT count(*) FROM transactions"
+            " WHERE id = ANY($1::uuid[]) AND status <> 'pending'",
+            list(txn_ids),
+        )
+        if done > 0:
+            break
+        await asyncio.sleep(0.01)
+    return int(done)
+
+
+async def with_janitor(deps: JanitorDeps, waiting: Coroutine[Any, Any, object]) -> None:
+    """Await ``waiting`` while janitor passes run every half second, as in production."""
+    task = asyncio.ensure_future(waiting)
+    try:
+        while not task.done():
+            await run_pass(deps)
+            await asyncio.wait([task], timeout=0.5)
+    finally:
+        task.cancel()
+    task.result()
 
 
 async def bank_funded(

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-from collections.abc import AsyncIterator, Coroutine, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 import httpx
@@ -19,7 +18,7 @@ import pytest_asyncio
 import redis.exceptions
 from redis.asyncio import Redis
 
-from actors.janitor import JanitorDeps, run_pass
+from actors.janitor import JanitorDeps
 from actors.routing import QueueSet
 from engine import BANK_SETTLEMENT, NewIntent, system_account
 from infra.config import PipelineConfig
@@ -33,7 +32,9 @@ from tests._pipeline_helpers import (
     janitor_until_quiet,
     start_worker,
     stop_worker,
+    until_some_final,
     wait_final,
+    with_janitor,
 )
 from tests.conftest import BankProcess, ServerSet
 
@@ -53,18 +54,6 @@ async def deps(
 ) -> AsyncIterator[JanitorDeps]:
     async with janitor_deps(pool, redis_client, own_bank.url, FAST) as made:
         yield made
-
-
-async def _with_janitor(deps: JanitorDeps, waiting: Coroutine[Any, Any, object]) -> None:
-    """Await ``waiting`` while janitor passes run every half second, as in production."""
-    task = asyncio.ensure_future(waiting)
-    try:
-        while not task.done():
-            await run_pass(deps)
-            await asyncio.wait([task], timeout=0.5)
-    finally:
-        task.cancel()
-    task.result()
 
 
 async def _assert_clean(deps: JanitorDeps, txn_ids: Sequence[object]) -> None:
@@ -89,20 +78,12 @@ async def test_worker_killed_mid_flight_then_restarted(
     worker = start_worker(servers, db_url, own_bank.url)
     try:
         await enqueue(deps.pool, servers.redis_url, ids)
-        for _ in range(600):  # bounded: until some, not all, have settled
-            done = await deps.pool.fetchval(
-                "SELECT count(*) FROM transactions"
-                " WHERE id = ANY($1::uuid[]) AND status <> 'pending'",
-                ids,
-            )
-            if done > 0:
-                break
-            await asyncio.sleep(0.01)
+        done = await until_some_final(deps.pool, ids)
         assert stop_worker(worker, signal.SIGKILL) == -signal.SIGKILL
         assert 0 < done < len(ids)
         worker = start_worker(servers, db_url, own_bank.url)
         # The dead worker's jobs are stuck "active" in SAQ; the janitor re-drives their intents.
-        await _with_janitor(deps, wait_final(deps.pool, ids, timeout_s=90))
+        await with_janitor(deps, wait_final(deps.pool, ids, timeout_s=90))
     finally:
         stop_worker(worker)
     await _assert_clean(deps, ids)

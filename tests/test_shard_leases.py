@@ -14,7 +14,7 @@ import uuid
 import pytest
 from redis.asyncio import Redis
 
-from actors.janitor import JanitorDeps, run_pass
+from actors.janitor import JanitorDeps
 from actors.leases import PREFIX, ShardLeases, surplus
 from engine import NewIntent
 from tests._ledger_helpers import intents
@@ -25,7 +25,9 @@ from tests._pipeline_helpers import (
     janitor_deps,
     janitor_until_quiet,
     stop_worker,
+    until_some_final,
     wait_final,
+    with_janitor,
 )
 from tests.conftest import BankProcess, ServerSet, kizo_env
 from tests.test_pipeline_faults import FAST
@@ -129,15 +131,7 @@ async def _run_two_workers(servers: ServerSet, db_url: str, own_bank: BankProces
 
         await _until(shared, 30, "two workers sharing the shards")
         await enqueue(deps.pool, servers.redis_url, ids)
-        for _ in range(600):  # bounded: until some, not all, have settled
-            done = await deps.pool.fetchval(
-                "SELECT count(*) FROM transactions"
-                " WHERE id = ANY($1::uuid[]) AND status <> 'pending'",
-                ids,
-            )
-            if done > 0:
-                break
-            await asyncio.sleep(0.01)
+        done = await until_some_final(deps.pool, ids)
         # the victim: a worker holding shards now (under load one may hold them all for a while)
         holding = {h.split(":")[1] for h in (await _holders(redis, SHARDS)).values() if h}
         victim = next(w for w in workers if str(w.pid) in holding)
@@ -152,14 +146,8 @@ async def _run_two_workers(servers: ServerSet, db_url: str, own_bank: BankProces
         took_s = await _until(taken_over, LEASE_TTL_S * 4 + 5, "the dead worker's shards taken")
         # the bound: the time to live, then the survivor's next round (a third of it), plus slack
         assert took_s <= LEASE_TTL_S * 4 / 3 + 3.0, took_s
-        task = asyncio.ensure_future(wait_final(deps.pool, ids, timeout_s=90))
-        try:  # the dead worker's jobs were "active" in SAQ: the janitor re-drives their intents
-            while not task.done():
-                await run_pass(deps)
-                await asyncio.wait([task], timeout=0.5)
-        finally:
-            task.cancel()
-        task.result()
+        # the dead worker's jobs were "active" in SAQ: the janitor re-drives their intents
+        await with_janitor(deps, wait_final(deps.pool, ids, timeout_s=90))
     finally:
         for worker in workers:
             stop_worker(worker)
