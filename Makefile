@@ -11,7 +11,7 @@ PROMTOOL := $(PROMETHEUS_DIR)/usr/bin/promtool
 NODE_CLIENT := tests/node/node_modules/toxiproxy-node-client/package.json
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test install lint typecheck unit chaos dashboards
+.PHONY: run test install lint typecheck unit chaos chaos-short dashboards
 
 run: install
 	@$(MAKE) --no-print-directory $(PROMTOOL) \
@@ -54,6 +54,11 @@ typecheck:
 
 unit:
 	$(VENV)/bin/pytest -n 2
+
+# The short fault-injection subset on its own (also part of `make test`): four scenarios end to
+# end and a broken build caught under faults (.github/workflows/ci.yml runs it as a job).
+chaos-short: install
+	$(VENV)/bin/pytest -n 2 tests/test_chaos_scenarios.py
 
 # The fault-injection job: every scenario and the broken build (`make test` runs four scenarios and the broken build itself).
 chaos:
