@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -472,6 +473,22 @@ def test_the_image_copies_every_package_and_nothing_the_build_context_leaves_out
     # kizo chaos's Prometheus).
     assert packages | {"migrations", "toxiproxy", "observability", "uv.lock"} <= sources
     assert not _dockerignore_allows(".env") and not _dockerignore_allows(".kizo")
+
+
+@pytest.mark.parametrize(
+    ("schema", "files"),
+    [
+        ("vendor.compose-spec", ["compose.yaml", "compose.chaos.yaml"]),
+        ("vendor.github-workflows", [".github/workflows/ci.yml"]),
+    ],
+)
+def test_the_files_follow_the_published_schemas(schema: str, files: list[str]) -> None:
+    """The Compose Specification's and GitHub's own schemas (as check-jsonschema ships them)."""
+    pytest.importorskip("check_jsonschema", reason="check-jsonschema is not installed (NEEDS.md)")
+    command = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", schema, *files]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            check=False)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def _docker_can(*args: str) -> bool:
