@@ -31,7 +31,8 @@ COPY migrations ./migrations
 COPY toxiproxy ./toxiproxy
 COPY observability ./observability
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --locked --no-dev --python /usr/local/bin/python3
+    uv sync --locked --no-dev --python /usr/local/bin/python3 \
+    && /app/.venv/bin/python -m compileall -q kizo infra engine actors api chaos
 
 FROM ${PYTHON_IMAGE}
 # A fixed uid and gid, so volumes and file permissions are the same on every host.

@@ -461,9 +461,7 @@ def test_the_image_is_multi_stage_locked_and_unprivileged() -> None:
 
 
 def test_the_image_copies_every_package_and_nothing_the_build_context_leaves_out() -> None:
-    text = (ROOT / "Dockerfile").read_text()
-    copies = [line.split() for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.M)]
-    sources = {word for words in copies for word in words[:-1] if not word.startswith("--")}
+    sources = set(_build_stage_copies())
     for source in sources:
         assert (ROOT / source).exists() and _dockerignore_allows(source), source
     wheel = re.search(r"packages = \[(.+?)\]", (ROOT / "pyproject.toml").read_text())
@@ -473,6 +471,48 @@ def test_the_image_copies_every_package_and_nothing_the_build_context_leaves_out
     # kizo chaos's Prometheus).
     assert packages | {"migrations", "toxiproxy", "observability", "uv.lock"} <= sources
     assert not _dockerignore_allows(".env") and not _dockerignore_allows(".kizo")
+
+
+def _build_stage_copies() -> list[str]:
+    """What the build stage copies from the context, in order."""
+    text = (ROOT / "Dockerfile").read_text()
+    copies = [line.split() for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.M)]
+    return [word for words in copies for word in words[:-1] if not word.startswith("--")]
+
+
+# Run inside the image's environment: every command of kizo loads, with its options.
+_LOAD_EVERY_COMMAND = """
+import importlib.util, sys
+from kizo.cli import TABLE, build_parser
+for name in TABLE:
+    build_parser(name)
+print(sorted(TABLE))
+sys.exit(importlib.util.find_spec("pytest") is not None)
+"""
+
+
+def test_what_the_image_copies_serves_every_command_without_the_dev_group(
+    tmp_path: Path,
+) -> None:
+    """The build stage's steps without an engine: the files it copies, `uv sync --locked
+    --no-dev` into a fresh environment, then every command loaded from there."""
+    uv = ROOT / ".tools" / "bin" / "uv"
+    if not uv.is_file():
+        pytest.skip("no uv under .tools (make install puts it there)")
+    app = tmp_path / "app"
+    app.mkdir()
+    for source in _build_stage_copies():
+        copy = shutil.copytree if (ROOT / source).is_dir() else shutil.copy2
+        copy(ROOT / source, app / source)
+    env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(app / ".venv"),
+           "UV_PYTHON_DOWNLOADS": "never"}  # fmt: skip
+    subprocess.run([str(uv), "sync", "--locked", "--no-dev", "--quiet", "--python", sys.executable],
+                   cwd=app, env=env, check=True, timeout=300)  # fmt: skip
+    result = subprocess.run([str(app / ".venv" / "bin" / "python"), "-c", _LOAD_EVERY_COMMAND],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            check=False)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == str(sorted(TABLE))
 
 
 @pytest.mark.parametrize(
