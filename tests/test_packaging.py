@@ -9,6 +9,7 @@ checks, mounted files, the gateway's upstream, Prometheus' targets and Toxiproxy
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -346,6 +347,16 @@ def test_the_gateway_balances_the_api_replicas_on_their_port() -> None:
     published = [str(p).rsplit(":", 1) for p in gateway["ports"]]
     assert [int(p[1]) for p in published] == [listen]
     assert urlsplit(gateway["healthcheck"]["test"][-1]).port == listen
+
+
+def test_the_api_trusts_the_gateway_and_only_the_gateway() -> None:
+    compose = _yaml("compose.yaml")
+    services = compose["services"]
+    gateway = ipaddress.ip_address(services["gateway"]["networks"]["default"]["ipv4_address"])
+    subnet = ipaddress.ip_network(compose["networks"]["default"]["ipam"]["config"][0]["subnet"])
+    assert gateway in subnet
+    trusted = _config(services["api"]).limits.trusted_proxies
+    assert [ipaddress.ip_network(t) for t in trusted] == [ipaddress.ip_network(gateway)]
 
 
 # --- Toxiproxy and the chaos profile ---------------------------------------------------------
