@@ -12,7 +12,7 @@ NODE_CLIENT := tests/node/node_modules/toxiproxy-node-client/package.json
 CHROMIUM := /usr/bin/chromium
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test install lint typecheck unit chaos dashboards
+.PHONY: run test install lint typecheck unit chaos chaos-short dashboards
 
 run: install
 	@$(MAKE) --no-print-directory $(PROMTOOL) \
@@ -63,6 +63,11 @@ typecheck:
 # loadgroup: the browser tests (one xdist group) share one system and one browser on one worker.
 unit:
 	$(VENV)/bin/pytest -n 2 --dist loadgroup
+
+# The short fault-injection subset on its own (also part of `make test`): four scenarios end to
+# end and a broken build caught under faults (.github/workflows/ci.yml runs it as a job).
+chaos-short: install
+	$(VENV)/bin/pytest -n 2 tests/test_chaos_scenarios.py
 
 # The fault-injection job: every scenario and the broken build (`make test` runs four scenarios and the broken build itself).
 chaos:

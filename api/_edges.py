@@ -101,6 +101,18 @@ def install(app: Quart, limits: RateLimitConfig, pools: PoolsConfig, redis_url: 
         ).response()
 
 
+def trust_forwarded(app: Quart, proxies: tuple[str, ...]) -> None:
+    """Behind a gateway every connection comes from the gateway: take the client's address
+    from X-Forwarded-For, but only when the peer is one of ``proxies``, and then the last
+    address in it that is not a proxy itself (what the gateway saw), so a client cannot name
+    itself. Per-IP rate limits count clients, not gateways."""
+    if not proxies:
+        return
+    from granian.utils.proxies import wrap_asgi_with_proxy_headers
+
+    app.asgi_app = wrap_asgi_with_proxy_headers(app.asgi_app, list(proxies))  # type: ignore[method-assign]
+
+
 def cors(app: Quart, origins: tuple[str, ...]) -> None:
     """Only configured origins; credentials are allowed, so never a wildcard origin."""
     allowed = frozenset(origins)

@@ -18,7 +18,7 @@ from actors import Coalescer, QueueSet
 from api import _metrics as metrics
 from api import _service as svc
 from api._auth import Passwords, RefreshTokens, ensure_key, require_secrets
-from api._edges import cors, install, ip_key
+from api._edges import cors, install, ip_key, trust_forwarded
 from api._hashing import HashingUnavailable
 from api._http import BODY_MAX_BYTES, VISIBLE_ASCII, keyring
 from api._problems import Problem, from_ledger
@@ -68,6 +68,7 @@ def create_app(config: Config | None = None) -> Quart:
         app.register_blueprint(blueprint)
     install(app, config.limits, config.pools, config.valkey_url(), user_key)
     cors(app, config.limits.cors_origins)
+    trust_forwarded(app, config.limits.trusted_proxies)
     return app
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hmac
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -191,6 +192,19 @@ def _http_url(env: Mapping[str, str], name: str) -> str | None:
     return value.rstrip("/") if value else None
 
 
+def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated IP addresses or networks (CIDR), each checked."""
+    found = []
+    for item in (i.strip() for i in _str(env, name, "").split(",")):
+        if not item:
+            continue
+        try:
+            found.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{name} takes IP addresses or networks, got {item!r}") from None
+    return tuple(found)
+
+
 def keyring_key(raw: str | None) -> bytes:
     """The 32-byte key of ``KIZO_KEYRING_KEY`` (base64url), or b"" when unset."""
     if raw is None or raw.strip() == "":
@@ -263,6 +277,9 @@ class RateLimitConfig:
     payments_per_user: int = 300
     default_per_ip: int = 1200
     cors_origins: tuple[str, ...] = ()
+    # Peers (addresses or networks) whose X-Forwarded-For names the client: the gateway in
+    # front of the API. Empty: the connection's own address is the client, whatever it sends.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -399,6 +416,7 @@ class Config:
             cors_origins=tuple(
                 o.strip() for o in _str(env, "KIZO_CORS_ORIGINS", "").split(",") if o.strip()
             ),
+            trusted_proxies=_networks(env, "KIZO_TRUSTED_PROXIES"),
         )
         return cls(
             home=home,

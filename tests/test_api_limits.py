@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
+import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -14,7 +16,7 @@ import pytest_asyncio
 from quart.typing import TestClientProtocol as Client
 
 from api.app import create_app
-from infra.config import Config, RateLimitConfig
+from infra.config import Config, ConfigError, RateLimitConfig
 from infra.servers import free_port
 from tests.conftest import TEST_SECRETS, ServerSet, kizo_env, stop_process, unique_email, wait_http
 
@@ -96,3 +98,51 @@ async def test_limits_are_shared_across_api_processes(
             codes.append(response.status_code)
             await asyncio.sleep(0)
     assert codes == [201, 201, 201, 429]
+
+
+GATEWAY = ("127.0.0.1", 50_000)  # the peer of every request: the gateway
+
+
+def _documentation_address() -> str:
+    """A client address of its own (IPv6 documentation range), so no other test shares its
+    per-IP count."""
+    return str(ipaddress.IPv6Address(f"2001:db8::{secrets.token_hex(2)}:{secrets.token_hex(2)}"))
+
+
+async def _signups(client: Client, forwarded_for: str, count: int) -> list[int]:
+    codes = []
+    for _ in range(count):
+        response = await client.post(
+            "/api/v1/auth/signup",
+            json={"email": unique_email(), "password": "long enough pw", "name": "G"},
+            headers={"X-Forwarded-For": forwarded_for},
+            scope_base={"client": GATEWAY},
+        )
+        codes.append(response.status_code)
+    return codes
+
+
+@pytest.mark.asyncio
+async def test_behind_a_trusted_gateway_each_client_has_its_own_per_ip_limit(
+    servers: ServerSet, db_url: str, redis_client: object
+) -> None:
+    config = dataclasses.replace(
+        Config.from_env({**TEST_SECRETS, "KIZO_TRUSTED_PROXIES": "127.0.0.1, ::1"}),
+        database_url=db_url,
+        redis_url=servers.redis_url,
+    )
+    config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, signup_per_ip=2))
+    first, second = _documentation_address(), _documentation_address()
+    app = create_app(config)
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        # The gateway appends the address it saw: a client cannot name another in front of it.
+        assert await _signups(client, f"{second}, {first}", 3) == [201, 201, 429]
+        assert await _signups(client, second, 2) == [201, 201]
+
+
+def test_trusted_proxies_must_be_addresses_or_networks() -> None:
+    parsed = Config.from_env({"KIZO_TRUSTED_PROXIES": " 10.89.0.0/24 ,::1"}).limits
+    assert parsed.trusted_proxies == ("10.89.0.0/24", "::1/128")
+    with pytest.raises(ConfigError, match="KIZO_TRUSTED_PROXIES"):
+        Config.from_env({"KIZO_TRUSTED_PROXIES": "gateway"})
