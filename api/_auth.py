@@ -44,6 +44,7 @@ VERIFYING_KEYS = 2
 # The first estimate of one exchange, until a hash has been timed; and the weight of each new
 # timing in the moving average (about the last ten hashes count).
 HASH_S_GUESS = 0.1
+SHARE_START = 1.0  # hashing's share of a core until payments have said otherwise
 HASH_S_WEIGHT = 0.1
 _REFRESH_PREFIX = "kizo:refresh:"
 _FAMILY_PREFIX = "kizo:refresh-family:"
@@ -81,7 +82,9 @@ class Passwords:
         self._pepper = config.pepper.encode()
         args = (config.argon2_memory_kib, config.argon2_time_cost, config.argon2_parallelism)
         self._holding = 0  # requests in flight that outrank hashing
-        self.budget = HashBudget(config.hash_target_ms / 1000, config.hash_share_min_pct / 100)
+        share_min = config.hash_share_min_pct / 100
+        self.budget = HashBudget(config.hash_target_ms / 1000, share_min,
+                                 share_start=max(SHARE_START, share_min))  # fmt: skip
         hold_s = config.hash_hold_ms / 1000
         self._workers = [HashWorker(*args, self.budget, self._held, hold_s,
                                     metrics.HASHING_PAUSES.inc)

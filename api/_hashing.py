@@ -11,8 +11,8 @@ Why a process and not a thread: a thread starved of CPU can sit on the GIL the e
 and the API's event loop does the pipes' I/O itself. A hashing process:
 - runs under Linux's SCHED_IDLE policy: it gets a core only when nothing else wants one;
 - is given work at the pace of a ``HashBudget``: a share of one core that grows while payments
-  are fast and halves as soon as one is slow (additive increase, multiplicative decrease, as
-  TCP shares a link). After a hash that cost t of CPU the next starts no sooner than
+  are fast and halves as soon as a tenth of them are slow (additive increase, multiplicative
+  decrease, as TCP shares a link). After a hash that cost t of CPU the next starts no sooner than
   t * (1 - share) / share later. Priority alone is not enough: a core hashing flat out slows
   the other one (on a VM possibly one physical core), which no policy inside the guest prevents;
 - is paused (SIGSTOP) while its API process has payments in flight, for at most
@@ -47,26 +47,32 @@ class HashingUnavailable(Exception):
 class HashBudget:
     """The share of one core that hashing may use, adapted to how payments fare.
 
-    Payments report their latency (``observe``); every ``window_s`` the window's slowest
-    payment decides: above ``target_s`` the share halves (down to ``share_min``), otherwise,
-    or when no payment ran, it grows by ``share_step`` (up to 1). A pure object: time is passed
-    in, so tests drive it without sleeping.
+    Payments report their latency (``observe``); every ``window_s`` the window decides: when
+    more than ``slow_share`` of its payments took longer than ``target_s`` the share halves
+    (down to ``share_min``), otherwise, or when no payment ran, it grows by ``share_step`` (up
+    to 1). Not the slowest payment alone: one slow payment among many is noise (a GC pause, a
+    batch commit), a slow tenth is contention. A pure object: time is passed in, so tests
+    drive it without sleeping.
     """
 
     def __init__(self, target_s: float, share_min: float, share_step: float = 0.1,
-                 window_s: float = 0.25, share_start: float = 0.5) -> None:  # fmt: skip
+                 window_s: float = 0.5, share_start: float = 1.0,
+                 slow_share: float = 0.1) -> None:  # fmt: skip
         assert 0 < share_min <= share_start <= 1 and 0 < share_step <= 1 and window_s > 0
         self.target_s = target_s
         self.share_min = share_min
         self.share_step = share_step
         self.window_s = window_s
+        self.slow_share = slow_share
         self.share = share_start
         self._window_ends = 0.0
-        self._slowest_s = 0.0
+        self._payments = 0
+        self._slow = 0
 
     def observe(self, latency_s: float, now: float) -> None:
         self.advance(now)
-        self._slowest_s = max(self._slowest_s, latency_s)
+        self._payments += 1
+        self._slow += latency_s > self.target_s
 
     def advance(self, now: float) -> None:
         """Close the windows that have ended by ``now``; each adjusts the share once."""
@@ -75,12 +81,12 @@ class HashBudget:
         if self._window_ends == 0.0:  # the first observation opens the first window
             self._window_ends = now + self.window_s
             return
-        if self._slowest_s > self.target_s:
+        if self._slow > self.slow_share * self._payments:
             self.share = max(self.share_min, self.share / 2)
         else:  # a fast window, or one without payments: the CPU was there to take
             elapsed = 1 + int((now - self._window_ends) // self.window_s)
             self.share = min(1.0, self.share + self.share_step * elapsed)
-        self._slowest_s = 0.0
+        self._payments = self._slow = 0
         self._window_ends = now + self.window_s
 
     def rest_s(self, cpu_s: float) -> float:

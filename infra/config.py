@@ -167,7 +167,7 @@ class AuthConfig:
     hash_processes: int = 1
     # Hashing's share of a core adapts (api/_hashing.py HashBudget): it halves whenever a payment
     # took longer than hash_target_ms, down to hash_share_min_pct, and grows back otherwise.
-    hash_target_ms: int = 50
+    hash_target_ms: int = 100
     hash_share_min_pct: int = 5
     hash_hold_ms: int = 100  # the longest one hash is paused, in all, for payments in flight
     # A sign-in waits at most this long for a hashing process; one that would wait longer is
