@@ -179,6 +179,8 @@ class AuthConfig:
     # How stale an API process's key ring may be: `kizo keys rotate` reaches every running
     # process within this time, with no restart.
     keyring_reload_s: float = 5.0
+    # How long an API process trusts the user row it read for an access token (role, account).
+    user_cache_s: float = 5.0
 
 
 # OWASP's Argon2id configurations, equal in strength (memory KiB, passes): no weaker setting is

@@ -48,8 +48,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                      help="capacity profile: users per step")  # fmt: skip
     e2e.add_argument("--step-seconds", type=bounded_int(5, 120), default=15)
     e2e.add_argument("--api-workers", type=bounded_int(1, 8), default=1)
-    e2e.add_argument("--profiles", default="seed,capacity")
+    e2e.add_argument("--profiles", default="seed,capacity,recovery")
     e2e.add_argument("--out", default="bench-e2e", help="folder for report.md/.json and PNGs")
+    e2e.add_argument("--readme", help="write the Performance section of this README")
     proxy = parser.add_argument_group("proxy")
     proxy.add_argument("--pairs", type=bounded_int(1, 20), default=3,
                        help="pairs of pgbench windows (direct, proxied) per workload")  # fmt: skip
@@ -111,14 +112,20 @@ def _e2e(_config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str
     profiles = tuple(args.profiles.split(","))
     if not steps or min(steps) < 1 or max(steps) > 1000:
         raise UsageError("--steps: each from 1 to 1000 users")
-    if not set(profiles) <= {"seed", "capacity"}:
-        raise UsageError("--profiles: seed, capacity or both")
+    if not set(profiles) <= {"seed", "capacity", "recovery"}:
+        raise UsageError("--profiles: any of seed, capacity, recovery, comma-separated")
     params = E2eParams(
         users=args.accounts_e2e, ramp_s=args.ramp_seconds, hold_s=args.hold_seconds,
         steps=steps, step_s=args.step_seconds, api_workers=args.api_workers,
         profiles=profiles, out=args.out,
     )  # fmt: skip
     report = run(params)
+    if args.readme:
+        from pathlib import Path
+
+        from kizo.bench_e2e import readme_section, write_readme
+
+        write_readme(Path(args.readme), readme_section(report))
     return report, table(report)
 
 

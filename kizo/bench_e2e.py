@@ -68,7 +68,7 @@ class E2eParams:
     steps: tuple[int, ...] = (10, 20, 40, 60, 80, 100)
     step_s: int = 15
     api_workers: int = 1
-    profiles: tuple[str, ...] = ("seed", "capacity")
+    profiles: tuple[str, ...] = ("seed", "capacity", "recovery")
     out: str = "bench-e2e"
 
 
@@ -418,9 +418,17 @@ def bars(report: dict[str, Any]) -> dict[str, bool]:
         )
         out["capacity: zero unsettled"] = t["unsettled"] == 0
         out["capacity: zero errors"] = cap["all"]["errors"] == 0
+    if rec := report.get("recovery"):
+        out[f"recovery: drained within {RECOVERY_BAR_S:.0f} s of healing a Redis outage"] = (
+            rec["redis_outage"]["drained_after_heal_s"] <= RECOVERY_BAR_S
+        )
+        out[f"recovery: {BURST_PAYMENTS:,}-payment burst final within {BURST_BAR_S:.0f} s"] = (
+            rec["burst"]["final_s"] <= BURST_BAR_S and rec["burst"]["settled"] == BURST_PAYMENTS
+        )
     return out
 
 
+RECOVERY_USERS_DEFAULT = 10  # "half capacity" when the capacity profile did not run
 ORIGINAL_CAPACITY_HIGH = 61.0  # the higher end of the original's 46–61 req/s
 
 
@@ -459,7 +467,12 @@ def run(p: E2eParams) -> dict[str, Any]:
         setup = aio.run(_setup(system, p, Path(tmp)))
         report["accounts"] = setup.accounts
         for profile in p.profiles:
-            report[profile] = _profile_report(system, setup, profile, p, Path(tmp), out)
+            if profile != "recovery":
+                report[profile] = _profile_report(system, setup, profile, p, Path(tmp), out)
+    if "recovery" in p.profiles:
+        best = (report.get("capacity") or {}).get("best")
+        users = max(1, best["users"] // 2) if best else RECOVERY_USERS_DEFAULT
+        report["recovery"] = recovery(p, users)
     report["bars"] = bars(report)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown(report))
@@ -522,6 +535,14 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{o['payment_p50_ms']} ms, p99 {o['payment_p99_ms']} ms, {o['unsettled']}"
                   " unsettled).", "", "Whole run, all steps:", "",
                   *_route_table(cap["all"]["routes"]), *_truth_and_cpu(cap)]  # fmt: skip
+    if rec := report.get("recovery"):
+        o, b = rec["redis_outage"], rec["burst"]
+        lines += ["", "## Recovery (a scratch system behind the fault proxy)", "",
+                  f"- Redis outage: {o['figure']}; during the run {o['req_per_s']} req/s,"
+                  f" answers other than promised: {o['errors'] or 'none'}; settlement truth:"
+                  f" {o['settlement']['accepted']} accepted, {o['settlement']['unsettled']}"
+                  " unsettled.",
+                  f"- Burst: {b['figure']}; answers {b['statuses']}."]  # fmt: skip
     lines += ["", "## Bars", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in report["bars"].items()]
     return "\n".join(lines) + "\n"
@@ -529,3 +550,196 @@ def markdown(report: dict[str, Any]) -> str:
 
 def table(report: dict[str, Any]) -> str:
     return markdown(report)
+
+
+README_START = "<!-- performance: written by `kizo bench e2e --readme README.md` -->"
+README_END = "<!-- performance: end -->"
+COMMAND = "kizo bench e2e --readme README.md"
+
+
+def readme_section(report: dict[str, Any]) -> str:
+    """README's Performance section: the machine, the headline figures, the command."""
+    m = report["machine"]
+    lines = [README_START, "## Performance", "",
+             f"Measured {report['started']} by `{COMMAND}` (one command: a scratch system, the "
+             "Node original's own load test in locust, the settlement check, the report in "
+             "`bench-e2e/report.md`). Machine: "
+             f"{m['cpus']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, Python "
+             f"{m['python']}; the load generator shares the cores, and the machine was shared "
+             "with other work, so read the ratios.", "",
+             "| profile | figure | Kizo | Node original |", "|---|---|---|---|"]  # fmt: skip
+    if seed := report.get("seed"):
+        h, o = seed["hold"], seed["original"]
+        lines += [
+            f"| seed (100 users sign in every loop, 1 s think) | req/s | {h['req_per_s']} |"
+            f" {o['req_per_s']} |",
+            f"| | sign-ins served/s | {h['signins_served_per_s']} | {o['signins_served_per_s']} |",
+            f"| | payment p99 ms | {h['payment_p99_ms']} | {o['payment_p99_ms']} |",
+            f"| | errors / unsettled | {h['errors']} / {seed['settlement']['unsettled']} |"
+            f" 500s / {o['unsettled']} |",
+        ]
+    if cap := report.get("capacity"):
+        best, o = cap["best"], cap["original"]
+        rate = "—" if best is None else f"{best['req_per_s']} ({best['users']} users)"
+        p99 = "—" if best is None else best["payment_p99_ms"]
+        lines += [
+            f"| capacity (signed in once, no think) | req/s, payment p99 < 100 ms | {rate} |"
+            f" {o['req_per_s']} |",
+            f"| | payment p99 ms there | {p99} | {o['payment_p99_ms']} |",
+            f"| | errors / unsettled | {cap['all']['errors']} /"
+            f" {cap['settlement']['unsettled']} | — / {o['unsettled']} |",
+        ]
+    for name, r in report.get("recovery", {}).items():
+        lines.append(f"| recovery | {name.replace('_', ' ')} | {r['figure']} | — |")
+    lines += ["", README_END]
+    return "\n".join(lines)
+
+
+def write_readme(path: Path, section: str) -> None:
+    """Replace the section between the markers, or insert it before "## Not yet"."""
+    text = path.read_text()
+    if README_START in text and README_END in text:
+        before, rest = text.split(README_START, 1)
+        after = rest.split(README_END, 1)[1]
+        text = before + section + after
+    else:
+        anchor = "## Not yet"
+        text = text.replace(anchor, section + "\n\n" + anchor, 1)
+    path.write_text(text)
+
+
+# Recovery (issue 12, item 4): a scratch system behind the fault proxy.
+
+OUTAGE_S = 10.0
+BEFORE_OUTAGE_S = 10.0
+AFTER_HEAL_S = 20.0
+BURST_PAYMENTS = 20_000
+BURST_CONNECTIONS = 64
+BURST_USERS = 50
+RECOVERY_BAR_S = 20.0
+BURST_BAR_S = 60.0
+
+
+async def _set_proxy(proxy_url: str, name: str, enabled: bool) -> None:
+    client = LoadClient(proxy_url, 1)
+    try:
+        r = await client.post(f"/proxies/{name}", {"enabled": enabled})
+        if r.status != 200:
+            raise RuntimeError(f"the fault proxy refused: {r.status} {r.body[:200]!r}")
+    finally:
+        await client.aclose()
+
+
+async def _drain_after(database_url: str, healed_wall: float) -> float:
+    """Seconds from the heal until nothing created before it is pending (bounded)."""
+    pool = await create_pool(database_url, min_size=1, max_size=1,
+                             acquire_timeout_s=PoolsConfig.wait_s)  # fmt: skip
+    try:
+        while await pool.fetchval(
+            "SELECT count(*) FROM transactions WHERE created_at < to_timestamp($1)"
+            " AND status IN ('pending', 'processing')", healed_wall,
+        ):  # fmt: skip
+            if time.time() - healed_wall > SETTLE_WAIT_S_MAX:
+                break
+            await asyncio.sleep(0.1)
+        return time.time() - healed_wall
+    finally:
+        await pool.close()
+
+
+def redis_outage(system: System, setup: Setup, users: int, tmp: Path) -> dict[str, Any]:
+    """Capacity users at ``users`` (about half capacity); Redis cut for ``OUTAGE_S`` through
+    the fault proxy after ``BEFORE_OUTAGE_S``; the backlog's drain time after the heal."""
+    from infra import aio
+
+    log, keys = tmp / "outage.requests.csv", tmp / "outage.keys"
+    env = {**os.environ, "KIZO_LOAD_USERS_FILE": str(setup.emails_file),
+           "KIZO_LOAD_PASSWORD": PASSWORD, "KIZO_LOAD_MERCHANT": setup.merchant,
+           "KIZO_LOAD_LOG": str(log), "KIZO_LOAD_KEYS_FILE": str(keys)}  # fmt: skip
+    seconds = BEFORE_OUTAGE_S + OUTAGE_S + AFTER_HEAL_S
+    locust = subprocess.Popen(
+        [sys.executable, "-m", "locust", "--headless", "--host", system.api_url,
+         "--only-summary", "--loglevel", "ERROR", "-f", str(LOADTESTS / "original_mix.py"),
+         "-u", str(users), "-r", str(users), "-t", f"{seconds:.0f}s", "CapacityUser"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(BEFORE_OUTAGE_S)
+        aio.run(_set_proxy(system.proxy_url, "redis", False))
+        time.sleep(OUTAGE_S)
+        aio.run(_set_proxy(system.proxy_url, "redis", True))
+        healed = time.time()
+        drain_s = aio.run(_drain_after(system.database_url, healed))
+        locust.wait(timeout=seconds + LOCUST_GRACE_S)
+    finally:
+        if locust.poll() is None:
+            locust.kill()
+            locust.wait()
+    requests = [_parse(line) for line in log.read_text().splitlines() if line]
+    run = Run("outage", healed - OUTAGE_S - BEFORE_OUTAGE_S, time.time(), requests,
+              keys.read_text().split() if keys.exists() else [], {})  # fmt: skip
+    truth = aio.run(settlement_truth(system.database_url, run))
+    figures = summary(requests, seconds)
+    return {"users": users, "outage_s": OUTAGE_S, "drained_after_heal_s": round(drain_s, 1),
+            "req_per_s": figures["req_per_s"], "errors": figures["errors_by_route_status"],
+            "settlement": truth,
+            "figure": f"backlog drained {drain_s:.1f} s after healing a {OUTAGE_S:.0f} s Redis"
+                      f" outage ({users} users; bar {RECOVERY_BAR_S:.0f} s)"}  # fmt: skip
+
+
+async def burst(system: System, setup: Setup) -> dict[str, Any]:
+    """``BURST_PAYMENTS`` transfers to the merchant, submitted as fast as ``BURST_CONNECTIONS``
+    connections allow; the time until every one is final, from the first request."""
+    client = LoadClient(system.api_url, BURST_CONNECTIONS)
+    emails = setup.emails_file.read_text().split()[:BURST_USERS]
+    try:
+        tokens = [_ok(await client.post("/api/v1/auth/signin", {"email": e,
+                  "password": PASSWORD})).json()["access_token"] for e in emails]  # fmt: skip
+        started_wall, started = time.time(), time.monotonic()
+        statuses: Counter[int] = Counter()
+        slots = asyncio.Semaphore(BURST_CONNECTIONS)
+
+        async def pay(i: int) -> None:
+            async with slots:
+                r = await client.post("/api/v1/payments/transfer",
+                                      {"to": setup.merchant, "amount": 1},
+                                      {"Authorization": f"Bearer {tokens[i % len(tokens)]}",
+                                       "Idempotency-Key": f"burst-{i}"})  # fmt: skip
+                statuses[r.status] += 1
+
+        await asyncio.gather(*(pay(i) for i in range(BURST_PAYMENTS)))
+        submitted_s = time.monotonic() - started
+    finally:
+        await client.aclose()
+    pool = await create_pool(system.database_url, min_size=1, max_size=1,
+                             acquire_timeout_s=PoolsConfig.wait_s)  # fmt: skip
+    try:
+        await wait_final(pool, started_wall)
+        final_s = time.monotonic() - started
+        row = await pool.fetchrow(
+            "SELECT count(*) FILTER (WHERE status = 'settled') AS settled, count(*) AS n"
+            " FROM transactions WHERE created_at >= to_timestamp($1)", started_wall,
+        )  # fmt: skip
+    finally:
+        await pool.close()
+    assert row is not None
+    return {"payments": BURST_PAYMENTS, "statuses": {str(k): v for k, v in statuses.items()},
+            "submitted_s": round(submitted_s, 1), "final_s": round(final_s, 1),
+            "settled": row["settled"], "recorded": row["n"],
+            "figure": f"{BURST_PAYMENTS:,} payments submitted in {submitted_s:.1f} s, all final"
+                      f" {final_s:.1f} s after the first ({row['settled']:,} settled;"
+                      f" bar {BURST_BAR_S:.0f} s)"}  # fmt: skip
+
+
+def recovery(p: E2eParams, users: int) -> dict[str, Any]:
+    from infra import aio
+
+    overrides = {"KIZO_RATE_LIMITS": "off",
+                 "KIZO_BANK_OPENING_BALANCE_MINOR": str(BANK_OPENING_MINOR)}  # fmt: skip
+    small = E2eParams(users=max(BURST_USERS, min(p.users, 500)))
+    with scratch_system(overrides, behind_proxy=True) as system, \
+            tempfile.TemporaryDirectory(prefix="kizo-e2e-") as tmp:  # fmt: skip
+        setup = aio.run(_setup(system, small, Path(tmp)))
+        outage = redis_outage(system, setup, users, Path(tmp))
+        burst_ = aio.run(burst(system, setup))
+    return {"redis_outage": outage, "burst": burst_}
