@@ -47,7 +47,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     e2e.add_argument("--steps", default="10,20,40,60,80,100",
                      help="capacity profile: users per step")  # fmt: skip
     e2e.add_argument("--step-seconds", type=bounded_int(5, 120), default=15)
-    e2e.add_argument("--api-workers", type=bounded_int(1, 8), default=1)
+    e2e.add_argument("--api-workers", type=bounded_int(1, 8), default=2,
+                     help="API processes (2 beat 1 on 2 cores: docs/benchmarks.md)")  # fmt: skip
     e2e.add_argument("--profiles", default="seed,capacity,recovery")
     e2e.add_argument("--out", default="bench-e2e", help="folder for report.md/.json and PNGs")
     e2e.add_argument("--readme", help="write the Performance section of this README")
