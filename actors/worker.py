@@ -240,9 +240,10 @@ async def _lease_round(leases: ShardLeases, consumers: _Consumers, concurrency: 
     if lost:
         log.warning("shards_lost", shards=lost)  # expired while we were away: others have them
         consumers.stop_soon(lost, None)
-    handed = [s for s in surplus(now.held, now.share) if s in consumers.running]
+    extra = surplus(now.held, now.share)
+    handed = [s for s in extra if s in consumers.running]
     consumers.stop_soon(handed, leases.release)  # the lease is renewed until it is released
-    keep = now.held - set(surplus(now.held, now.share)) - consumers.stopping
+    keep = now.held - set(extra) - consumers.stopping
     gained = sorted(s for s in keep if s not in consumers.running)
     per_shard = max(SHARD_CONCURRENCY_MIN, concurrency // max(1, now.share))
     for s in gained:
