@@ -1,9 +1,9 @@
 """Passwords (Argon2id + pepper, off the event loop), access JWTs (key ring), refresh tokens.
 
 - The pepper is mixed in with HMAC-SHA256 before Argon2id, so a stolen database alone does not
-  allow offline guessing. Hashing runs in low-priority, paced processes (api/_hashing.py) with a
-  bounded queue; when it is full the request is turned away at once (503 + Retry-After) instead
-  of stalling every other request.
+  allow offline guessing. Hashing runs in low-priority processes paced by an adaptive budget
+  (api/_hashing.py); requests wait in line with a deadline, and one that cannot be served by
+  then is turned away at once (503 + a Retry-After from the line) instead of stalling others.
 - Access tokens: HS256 JWTs with ``kid``; the newest key signs, the newest two verify. The
   signing secrets are sealed (AES-256-GCM, the ``kid`` as associated data) with
   ``KIZO_KEYRING_KEY``, which never enters the database: a copy of the database alone can
@@ -20,6 +20,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import math
 import secrets
 import time
 import uuid
@@ -34,13 +35,17 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.asyncio import Redis
 
 from api import _metrics as metrics
-from api._hashing import HashingUnavailable, HashWorker
+from api._hashing import HashBudget, HashingUnavailable, HashWorker
 from api._problems import Problem
 from infra.config import DEV_PEPPER, PEPPER_CHARS_MIN, AuthConfig, ConfigError
 
 JWT_ALGORITHM = "HS256"
 VERIFYING_KEYS = 2
-HASH_WAITING_MAX = 64
+# The first estimate of one exchange, until a hash has been timed; and the weight of each new
+# timing in the moving average (about the last ten hashes count).
+HASH_S_GUESS = 0.1
+SHARE_START = 1.0  # hashing's share of a core until payments have said otherwise
+HASH_S_WEIGHT = 0.1
 _REFRESH_PREFIX = "kizo:refresh:"
 _FAMILY_PREFIX = "kizo:refresh-family:"
 _NONCE_BYTES = 12  # AES-GCM's standard nonce, random per sealing
@@ -65,20 +70,32 @@ def require_secrets(config: AuthConfig, *, pepper: bool = True, keyring_key: boo
 
 
 class Passwords:
-    """Argon2id over HMAC-SHA256(pepper, password), in hashing processes (api/_hashing.py)."""
+    """Argon2id over HMAC-SHA256(pepper, password), in hashing processes (api/_hashing.py).
+
+    Admission: a request waits in line for a hashing process, at most ``signin_deadline_s``.
+    One that would not get a process by then, by the line's expected wait (its length times the
+    measured time per hash, over the processes), is refused at once, as is one still waiting at
+    its deadline: 503 with a ``Retry-After`` of the time the line ahead needs to drain.
+    """
 
     def __init__(self, config: AuthConfig) -> None:
         self._pepper = config.pepper.encode()
         args = (config.argon2_memory_kib, config.argon2_time_cost, config.argon2_parallelism)
         self._holding = 0  # requests in flight that outrank hashing
+        share_min = config.hash_share_min_pct / 100
+        self.budget = HashBudget(config.hash_target_ms / 1000, share_min,
+                                 share_start=max(SHARE_START, share_min))  # fmt: skip
         hold_s = config.hash_hold_ms / 1000
-        self._workers = [HashWorker(*args, config.hash_duty_pct, self._held, hold_s,
+        self._workers = [HashWorker(*args, self.budget, self._held, hold_s,
                                     metrics.HASHING_PAUSES.inc)
                          for _ in range(config.hash_processes)]  # fmt: skip
         self._idle: asyncio.Queue[HashWorker] = asyncio.Queue()
         for worker in self._workers:
             self._idle.put_nowait(worker)
-        self._slots = asyncio.Semaphore(config.hash_processes + HASH_WAITING_MAX)
+        self._waiting = 0
+        self._waiting_max = config.hash_waiting_max
+        self._deadline_s = config.signin_deadline_s
+        self._hash_s = HASH_S_GUESS  # per exchange, rests and pauses included: a moving average
         # Verified against when the email is unknown: the same work, so no enumeration by timing.
         dummy = PasswordHasher(time_cost=args[1], memory_cost=args[0], parallelism=args[2])
         self._dummy = dummy.hash(self._peppered("not-a-password"))
@@ -88,34 +105,50 @@ class Passwords:
             hmac.new(self._pepper, password.encode(), "sha256").digest()
         ).decode()
 
-    async def _exchange(self, request: str) -> str:
-        metrics.HASHING_QUEUE.inc()
+    def expected_wait_s(self) -> float:
+        """How long a request arriving now would wait for a hashing process."""
+        if self._waiting == 0 and not self._idle.empty():
+            return 0.0
+        return (self._waiting + 1) * self._hash_s / len(self._workers)
+
+    async def _exchange(self, request: str, deadline: float) -> str:
+        """Counted as waiting by ``_run`` already (before this task first runs, so that a burst
+        arriving in one tick sees its own line)."""
         try:
-            worker = await self._idle.get()
+            worker = await asyncio.wait_for(self._idle.get(), deadline - time.monotonic())
+        except TimeoutError:
+            metrics.HASHING_REJECTED.inc()
+            raise _busy(self._waiting * self._hash_s / len(self._workers)) from None
         finally:
+            self._waiting -= 1
             metrics.HASHING_QUEUE.dec()
         metrics.HASHING_BUSY.inc()
+        started = time.monotonic()
         try:
             return await worker.call(request)
         finally:
+            took_s = time.monotonic() - started
+            self._hash_s += HASH_S_WEIGHT * (took_s - self._hash_s)
             metrics.HASHING_BUSY.dec()
             self._idle.put_nowait(worker)
 
     async def _run(self, request: str) -> str:
-        busy = Problem(503, "Busy", "too many sign-ins at once, retry shortly",
-                       headers={"Retry-After": "1"})  # fmt: skip
-        if self._slots.locked():
+        wait_s = self.expected_wait_s()
+        if wait_s > self._deadline_s or self._waiting >= self._waiting_max:
             metrics.HASHING_REJECTED.inc()
-            raise busy
-        async with self._slots:
-            # Shielded: a request cancelled mid-hash (the client went away) must not leave a
-            # worker with an unread answer; the exchange finishes and returns the worker.
-            exchange = asyncio.ensure_future(self._exchange(request))
-            exchange.add_done_callback(_observed)
-            try:
-                return await asyncio.shield(exchange)
-            except HashingUnavailable:
-                raise busy from None
+            raise _busy(wait_s - self._deadline_s)
+        self._waiting += 1
+        metrics.HASHING_QUEUE.inc()
+        # Shielded: a request cancelled mid-hash (the client went away) must not leave a
+        # worker with an unread answer; the exchange finishes and returns the worker.
+        exchange = asyncio.ensure_future(
+            self._exchange(request, time.monotonic() + self._deadline_s)
+        )
+        exchange.add_done_callback(_observed)
+        try:
+            return await asyncio.shield(exchange)
+        except HashingUnavailable:
+            raise _busy(0) from None
 
     def _held(self) -> bool:
         return self._holding > 0
@@ -127,17 +160,24 @@ class Passwords:
         if self._holding == 1:
             for worker in self._workers:
                 worker.pause()
+        started = time.monotonic()
         try:
             yield
         finally:
+            now = time.monotonic()
+            self.budget.observe(now - started, now)
             self._holding -= 1
             if self._holding == 0:
                 for worker in self._workers:
                     worker.resume()
 
     async def warm_up(self) -> None:
-        """Start the hashing processes now rather than at the first sign-in."""
+        """Start the hashing processes now rather than at the first sign-in, and time a hash
+        (the admission's first estimate)."""
         await asyncio.gather(*(w.start() for w in self._workers))
+        started = time.monotonic()
+        await self.verify(self._dummy, "not-a-password")
+        self._hash_s = time.monotonic() - started
 
     async def hash(self, password: str) -> str:
         with metrics.HASHING_DURATION.labels("hash").time():
@@ -152,6 +192,23 @@ class Passwords:
 
     async def aclose(self) -> None:
         await asyncio.gather(*(w.stop() for w in self._workers))
+
+
+def hash_now(config: AuthConfig, password: str) -> str:
+    """One password's stored hash, in this process (blocking): for seeding many users at once
+    with one password (benchmarks), never for serving requests."""
+    peppered = base64.b64encode(hmac.new(config.pepper.encode(), password.encode(),
+                                         "sha256").digest())  # fmt: skip
+    hasher = PasswordHasher(time_cost=config.argon2_time_cost,
+                            memory_cost=config.argon2_memory_kib,
+                            parallelism=config.argon2_parallelism)  # fmt: skip
+    return hasher.hash(peppered)
+
+
+def _busy(wait_s: float) -> Problem:
+    retry_s = max(1, math.ceil(wait_s))
+    return Problem(503, "Busy", "too many sign-ins at once, retry later",
+                   headers={"Retry-After": str(retry_s)})  # fmt: skip
 
 
 def _observed(task: asyncio.Future[str]) -> None:

@@ -1,19 +1,22 @@
-"""Argon2id in its own low-priority processes, so that payments never pay for sign-ins.
+"""Argon2id in its own low-priority processes, on the CPU that payments leave idle.
 
 Each API process keeps ``AuthConfig.hash_processes`` hashing processes (``python -m
 api._hashing``), spoken to over their stdin and stdout, one line per request and per answer:
 
-    request  "h\\t<secret>\\n"             answer "ok\\t<argon2 hash>\\n"
-    request  "v\\t<stored>\\t<secret>\\n"   answer "ok\\t1\\n" or "ok\\t0\\n"
+    request  "h\\t<secret>\\n"             answer "ok\\t<cpu µs>\\t<argon2 hash>\\n"
+    request  "v\\t<stored>\\t<secret>\\n"   answer "ok\\t<cpu µs>\\t1\\n" or "ok\\t<cpu µs>\\t0\\n"
 
 ``secret`` is the peppered password, base64 (no tab, no newline); hashes have neither either.
 Why a process and not a thread: a thread starved of CPU can sit on the GIL the event loop needs,
 and the API's event loop does the pipes' I/O itself. A hashing process:
 - runs under Linux's SCHED_IDLE policy: it gets a core only when nothing else wants one;
-- is paced to a duty cycle (``AuthConfig.hash_duty_pct``): after a hash that took t, the next
-  starts no sooner than t * (100 - duty) / duty later. A core hashing flat out slows the other
-  one (on a VM possibly one physical core), which no scheduling policy inside the guest prevents;
-- is paused while its API process has payments in flight (see ``HashWorker``);
+- is given work at the pace of a ``HashBudget``: a share of one core that grows while payments
+  are fast and halves as soon as a tenth of them are slow (additive increase, multiplicative
+  decrease, as TCP shares a link). After a hash that cost t of CPU the next starts no sooner than
+  t * (1 - share) / share later. Priority alone is not enough: a core hashing flat out slows
+  the other one (on a VM possibly one physical core), which no policy inside the guest prevents;
+- is paused (SIGSTOP) while its API process has payments in flight, for at most
+  ``hold_max_s * (1 - share)`` per hash: at a full share (payments fast) not at all;
 - ignores Ctrl-C (its parent ends it by closing stdin) and dies with its parent (PDEATHSIG).
 """
 
@@ -34,31 +37,88 @@ from argon2.exceptions import InvalidHashError, VerificationError
 READY = b"ready\n"
 STOP_WAIT_S = 2.0
 _PR_SET_PDEATHSIG = 1
+_US_PER_S = 1_000_000
 
 
 class HashingUnavailable(Exception):
     """The hashing process died or answered nonsense; a new one starts for the next request."""
 
 
+class HashBudget:
+    """The share of one core that hashing may use, adapted to how payments fare.
+
+    Payments report their latency (``observe``); every ``window_s`` the window decides: when
+    more than ``slow_share`` of its payments took longer than ``target_s`` the share halves
+    (down to ``share_min``), otherwise, or when no payment ran, it grows by ``share_step`` (up
+    to 1). Not the slowest payment alone: one slow payment among many is noise (a GC pause, a
+    batch commit), a slow tenth is contention. A pure object: time is passed in, so tests
+    drive it without sleeping.
+    """
+
+    def __init__(self, target_s: float, share_min: float, share_step: float = 0.1,
+                 window_s: float = 0.5, share_start: float = 1.0,
+                 slow_share: float = 0.1) -> None:  # fmt: skip
+        assert 0 < share_min <= share_start <= 1 and 0 < share_step <= 1 and window_s > 0
+        self.target_s = target_s
+        self.share_min = share_min
+        self.share_step = share_step
+        self.window_s = window_s
+        self.slow_share = slow_share
+        self.share = share_start
+        self._window_ends = 0.0
+        self._payments = 0
+        self._slow = 0
+
+    def observe(self, latency_s: float, now: float) -> None:
+        self.advance(now)
+        self._payments += 1
+        self._slow += latency_s > self.target_s
+
+    def advance(self, now: float) -> None:
+        """Close the windows that have ended by ``now``; each adjusts the share once."""
+        if now < self._window_ends:
+            return
+        if self._window_ends == 0.0:  # the first observation opens the first window
+            self._window_ends = now + self.window_s
+            return
+        if self._slow > self.slow_share * self._payments:
+            self.share = max(self.share_min, self.share / 2)
+        else:  # a fast window, or one without payments: the CPU was there to take
+            elapsed = 1 + int((now - self._window_ends) // self.window_s)
+            self.share = min(1.0, self.share + self.share_step * elapsed)
+        self._payments = self._slow = 0
+        self._window_ends = now + self.window_s
+
+    def rest_s(self, cpu_s: float) -> float:
+        """How long to rest after a hash that cost ``cpu_s`` of CPU, at the current share."""
+        return cpu_s * (1 - self.share) / self.share
+
+    def hold_s(self, hold_max_s: float) -> float:
+        """How long one hash may be paused, in all, for payments in flight."""
+        return hold_max_s * (1 - self.share)
+
+
 class HashWorker:
     """The API's end of one hashing process: one request at a time (the caller ensures it).
 
     ``held()`` says whether requests that outrank hashing are in flight in this API process:
-    while they are, the running hash is paused (SIGSTOP), for at most ``hold_max_s`` in all per
-    hash, so that sign-ins still go through under a steady stream of payments.
+    while they are, the running hash is paused (SIGSTOP), for at most ``budget.hold_s`` in all
+    per hash, so that sign-ins still go through under a steady stream of payments.
     """
 
-    def __init__(self, memory_kib: int, time_cost: int, parallelism: int, duty_pct: int,
+    def __init__(self, memory_kib: int, time_cost: int, parallelism: int, budget: HashBudget,
                  held: Callable[[], bool], hold_max_s: float,
                  on_pause: Callable[[], None] | None = None) -> None:  # fmt: skip
         self._on_pause = on_pause  # told of each pause (the API's metrics)
-        self._argv = [str(v) for v in (memory_kib, time_cost, parallelism, duty_pct)]
+        self._argv = [str(v) for v in (memory_kib, time_cost, parallelism)]
         self._proc: asyncio.subprocess.Process | None = None
+        self._budget = budget
         self._held = held
         self._hold_max_s = hold_max_s
         self._job_held_s = 0.0  # how long the running hash has been paused so far
         self._paused_at: float | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._rest_until = 0.0  # the budget's pacing: no hash starts before this
         self.busy = False
 
     async def _start(self) -> asyncio.subprocess.Process:
@@ -77,6 +137,7 @@ class HashWorker:
         return proc
 
     async def call(self, request: str) -> str:
+        await asyncio.sleep(max(0.0, self._rest_until - time.monotonic()))
         proc = self._proc
         if proc is None or proc.returncode is not None:
             proc = await self._start()
@@ -93,11 +154,14 @@ class HashWorker:
         finally:
             self.resume()
             self.busy = False
-        status, _, value = answer.decode(errors="replace").rstrip("\n").partition("\t")
+        status, cpu_us, value = _parse(answer)
         if status != "ok" or not answer.endswith(b"\n"):
             self._proc = None
             await _end(proc)
             raise HashingUnavailable("the hashing process failed")
+        now = time.monotonic()
+        self._budget.advance(now)
+        self._rest_until = now + self._budget.rest_s(cpu_us / _US_PER_S)
         return value
 
     def pause(self) -> None:
@@ -105,7 +169,7 @@ class HashWorker:
         proc = self._proc
         if not self.busy or self._paused_at is not None or proc is None:
             return
-        left_s = self._hold_max_s - self._job_held_s
+        left_s = self._budget.hold_s(self._hold_max_s) - self._job_held_s
         if left_s <= 0 or proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -136,6 +200,14 @@ class HashWorker:
         proc, self._proc = self._proc, None
         if proc is not None:
             await _end(proc)
+
+
+def _parse(answer: bytes) -> tuple[str, int, str]:
+    """(status, CPU µs, value) of an answer line; ("error", 0, "") for anything else."""
+    parts = answer.decode(errors="replace").rstrip("\n").split("\t")
+    if len(parts) == 3 and parts[1].isdigit():
+        return parts[0], int(parts[1]), parts[2]
+    return "error", 0, ""
 
 
 async def _end(proc: asyncio.subprocess.Process) -> None:
@@ -174,28 +246,24 @@ def _answer(hasher: PasswordHasher, request: str) -> str:
     raise ValueError("unknown request")
 
 
-def serve(memory_kib: int, time_cost: int, parallelism: int, duty_pct: int) -> None:
+def serve(memory_kib: int, time_cost: int, parallelism: int) -> None:
     _prepare()
     hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism)
-    rest_per_busy = (100 - duty_pct) / duty_pct
-    next_start = 0.0
     out = sys.stdout.buffer
     out.write(READY)
     out.flush()
     for raw in sys.stdin.buffer:
-        time.sleep(max(0.0, next_start - time.monotonic()))
         started = time.process_time()  # CPU time: a pause is not work
         try:
-            answer = "ok\t" + _answer(hasher, raw.decode().rstrip("\n"))
+            value = _answer(hasher, raw.decode().rstrip("\n"))
+            cpu_us = int((time.process_time() - started) * _US_PER_S)
+            answer = f"ok\t{cpu_us}\t{value}"
         except ValueError:
             answer = "error"
-        next_start = time.monotonic() + (time.process_time() - started) * rest_per_busy
         out.write(answer.encode() + b"\n")
         out.flush()
 
 
 if __name__ == "__main__":
-    memory, passes, lanes, duty = (int(v) for v in sys.argv[1:5])
-    if not 1 <= duty <= 100:
-        sys.exit("duty must be 1..100")
-    serve(memory, passes, lanes, duty)
+    memory, passes, lanes = (int(v) for v in sys.argv[1:4])
+    serve(memory, passes, lanes)

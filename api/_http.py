@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 from typing import Any, TypeVar
 
+import orjson
 import structlog
 from pydantic import BaseModel, ValidationError
 from quart import Response, request
@@ -28,7 +30,7 @@ VISIBLE_ASCII = re.compile(r"[\x21-\x7e]{1,255}")
 
 def json_response(body: object, status: int = 200, headers: dict[str, str] | None = None,
                   ) -> Response:  # fmt: skip
-    response = Response(json.dumps(body), status=status, content_type="application/json")
+    response = Response(orjson.dumps(body), status=status, content_type="application/json")
     response.headers.update(headers or {})
     return response
 
@@ -38,7 +40,7 @@ async def read_body(model: type[M]) -> M:
     if len(raw) > BODY_MAX_BYTES:
         raise Problem(413, "Body too large", f"at most {BODY_MAX_BYTES} bytes")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw)  # not orjson: it refuses what json accepts (NaN, big integers)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise Problem(400, "Malformed JSON", "the body is not valid UTF-8 JSON") from None
     try:
@@ -72,7 +74,26 @@ async def authenticate() -> tuple[Claims, svc.User]:
                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
     claims = (await keyring()).verify(header[7:])
     logs.bind(user_id=str(claims.user_id))
-    return claims, await svc.get_user(state().pool, claims.user_id)
+    return claims, await _user(claims.user_id)
+
+
+# The users behind access tokens, per process: a round trip saved on every request. A role
+# change or a removed user reaches every API process within ``AuthConfig.user_cache_s``.
+_USERS: dict[uuid.UUID, tuple[float, svc.User]] = {}
+USERS_CACHED_MAX = 10_000
+
+
+async def _user(user_id: uuid.UUID) -> svc.User:
+    s = state()
+    now = time.monotonic()
+    cached = _USERS.get(user_id)
+    if cached is not None and now - cached[0] < s.config.auth.user_cache_s:
+        return cached[1]
+    user = await svc.get_user(s.pool, user_id)
+    if len(_USERS) >= USERS_CACHED_MAX:
+        _USERS.clear()
+    _USERS[user_id] = (now, user)
+    return user
 
 
 async def tokens(user: svc.User, refresh: str | None = None) -> dict[str, Any]:

@@ -27,7 +27,8 @@ HASHING_QUEUE = Gauge("kizo_hashing_queue", "Hashes waiting for a hashing proces
 HASHING_BUSY = Gauge("kizo_hashing_busy", "Hashing processes working",
                      multiprocess_mode="livesum")  # fmt: skip
 HASHING_PAUSES = Counter("kizo_hashing_pauses", "Running hashes paused for payments")
-HASHING_REJECTED = Counter("kizo_hashing_rejected", "Sign-ins refused: hashing queue full")
+HASHING_REJECTED = Counter("kizo_hashing_rejected",
+                           "Sign-ins refused: not servable by the deadline")  # fmt: skip
 HASHING_DURATION = Histogram("kizo_hashing_duration_seconds", "One hash or verify, queue included",
                              ["op"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                                               5.0, 10.0))  # fmt: skip

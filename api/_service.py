@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 
 from actors import flagged_intents, rearm_flagged
 from api._problems import Problem
@@ -23,10 +24,13 @@ from engine import (
     TRANSACTION_COLUMNS,
     Conn,
     NewIntent,
+    SelfTransfer,
     Transaction,
     create_intents,
+    new_id,
     open_accounts,
     system_account,
+    validate_amount,
 )
 
 IDEMPOTENCY_WAIT_MS = 5000
@@ -100,9 +104,11 @@ class Stored:
     txn: Transaction | None = None
 
 
-async def _recipient(conn: Conn, to: str) -> tuple[uuid.UUID, str]:
+async def _recipient(conn: Conn | asyncpg.Pool, to: str) -> tuple[uuid.UUID, str]:
     """A user's account (by email or account id) and that user's email. System accounts are no
     recipients: money reaches them only through deposits and withdrawals."""
+    if (known := _RECIPIENTS.get(to.lower())) is not None:
+        return known
     try:
         row = await conn.fetchrow("SELECT account_id, email FROM users WHERE account_id = $1",
                                   uuid.UUID(to))  # fmt: skip
@@ -112,37 +118,112 @@ async def _recipient(conn: Conn, to: str) -> tuple[uuid.UUID, str]:
         )
     if row is None:
         raise Problem(422, "Unknown recipient", "no user with that email or account id")
+    if len(_RECIPIENTS) >= RECIPIENTS_CACHED_MAX:
+        _RECIPIENTS.clear()
+    _RECIPIENTS[to.lower()] = row["account_id"], row["email"]
     return row["account_id"], row["email"]
+
+
+# Who a recipient is never changes (users are not deleted, emails not edited): looked up once
+# per process. Bounded: cleared when full.
+_RECIPIENTS: dict[str, tuple[uuid.UUID, str]] = {}
+_SYSTEM: dict[str, uuid.UUID] = {}
+RECIPIENTS_CACHED_MAX = 10_000
+
+# A payment in one statement (one round trip, its own transaction): the intent, when both
+# accounts exist in the ledger's currency, and its idempotency record, written last. A key that
+# is taken fails the record's insert and so the whole statement: nothing is written, the stored
+# answer is replayed. The record's body is the 202's body, ``created_at`` added by the server
+# (the format of ``_rfc3339``), and the answer is that stored body: the first answer and every
+# replay are the same.
+_PAY = """
+WITH intent AS (
+    INSERT INTO transactions (id, kind, source_id, dest_id, amount_minor, currency, note)
+    SELECT $1::uuid, $2::text, $3::uuid, $4::uuid, $5::bigint, $6::text, $7::text
+    WHERE (SELECT count(*) FROM accounts WHERE id IN ($3, $4) AND rtrim(currency) = $6::text) = 2
+    RETURNING id, created_at
+), record AS (
+    INSERT INTO idempotency_keys (scope, key, request_hash, state, status_code, response_body,
+                                  transaction_id)
+    SELECT $8::text, $9::text, $10::text, 'done', 202,
+        $11::jsonb || jsonb_build_object('created_at',
+            to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')), id
+    FROM intent
+    RETURNING response_body
+)
+SELECT intent.created_at, record.response_body::text AS body FROM intent, record
+"""
 
 
 async def pay(pool: asyncpg.Pool, user: User, key: str, path: str, kind: str,
               body: dict[str, Any], currency: str, amount_max_minor: int,
               record_key: bool = True) -> Stored:  # fmt: skip
-    """The intent and its idempotency record in one transaction, the record written last: if
-    the key is taken (an earlier request, or a concurrent one still in flight, whose commit
-    the insert waits for, at most the pool's lock_timeout), the whole transaction rolls back,
-    the intent with it, and the stored answer is replayed (or 409 while still in flight)."""
+    """The intent and its idempotency record in one statement (``_PAY``); if the key is taken
+    (an earlier request, or a concurrent one still in flight, whose commit the insert waits
+    for, at most the pool's lock_timeout), nothing is written and the stored answer is replayed
+    (or 409 while still in flight)."""
     digest = request_hash(path, body)
-    async with pool.acquire() as conn:
-        try:
-            async with conn.transaction():
-                txn, counterparty = await _create(conn, user, kind, body, currency,
-                                                  amount_max_minor)  # fmt: skip
-                response = render(txn, user, counterparty)
-                if not record_key:  # the "idempotency_off" mutation: a broken build
-                    return Stored(202, response, False, txn)
-                await conn.execute(
-                    "INSERT INTO idempotency_keys (scope, key, request_hash, state, status_code,"
-                    " response_body, transaction_id) VALUES ($1, $2, $3, 'done', 202, $4, $5)",
-                    str(user.id), key, digest, json.dumps(response), txn.id,
-                )  # fmt: skip
-        except asyncpg.UniqueViolationError:
+    if not record_key:  # the "idempotency_off" mutation: a broken build, the general path
+        return await _pay_in_steps(pool, user, kind, body, currency, amount_max_minor)
+    intent, counterparty = await _intent(pool, user, kind, body, amount_max_minor)
+    answer = render_new(intent, user, counterparty, currency)
+    try:
+        row = await pool.fetchrow(
+            _PAY, intent.id, kind, intent.source_id, intent.dest_id, intent.amount_minor,
+            currency, intent.note, str(user.id), key, digest, orjson.dumps(answer).decode(),
+        )  # fmt: skip
+    except asyncpg.UniqueViolationError:
+        async with pool.acquire() as conn:
             return await _replay(conn, user, key, digest)
-        except asyncpg.LockNotAvailableError:
-            raise Problem(409, "Request in flight",
-                          "a request with this idempotency key is still being processed",
-                          headers={"Retry-After": "1"}) from None  # fmt: skip
-    return Stored(202, response, False, txn)
+    except asyncpg.LockNotAvailableError:
+        raise Problem(409, "Request in flight",
+                      "a request with this idempotency key is still being processed",
+                      headers={"Retry-After": "1"}) from None  # fmt: skip
+    if row is None:  # an account missing or in another currency: the engine says which
+        return await _pay_in_steps(pool, user, kind, body, currency, amount_max_minor)
+    assert intent.id is not None
+    txn = Transaction(intent.id, kind, "pending", intent.source_id, intent.dest_id,
+                      intent.amount_minor, currency, intent.note, None, row["created_at"],
+                      None, None, None)  # fmt: skip
+    return Stored(202, orjson.loads(row["body"]), False, txn)
+
+
+async def _intent(db: asyncpg.Pool, user: User, kind: str, body: dict[str, Any],
+                  amount_max_minor: int) -> tuple[NewIntent, str]:  # fmt: skip
+    """The intent a payment asks for, checked as ``create_intents`` checks it, and the
+    counterparty as the caller sees it."""
+    amount = validate_amount(body["amount"], amount_max_minor)
+    if kind == "transfer":
+        dest, email = await _recipient(db, body["to"])
+        if dest == user.account_id:
+            raise SelfTransfer("source and destination are the same account")
+        return NewIntent(kind, user.account_id, dest, amount, body.get("note"), new_id()), email
+    bank = _SYSTEM.get(BANK_SETTLEMENT) or await system_account(db, BANK_SETTLEMENT)
+    _SYSTEM[BANK_SETTLEMENT] = bank
+    if kind == "withdrawal":
+        return NewIntent(kind, user.account_id, bank, amount, None, new_id()), "bank"
+    return NewIntent(kind, bank, user.account_id, amount, None, new_id()), "bank"
+
+
+def render_new(intent: NewIntent, user: User, counterparty: str, currency: str
+               ) -> dict[str, Any]:  # fmt: skip
+    """A new intent's 202 body, but for ``created_at`` (the server's clock adds it)."""
+    return {
+        "id": str(intent.id), "kind": intent.kind, "status": "pending",
+        "amount": intent.amount_minor, "currency": currency,
+        "direction": "out" if intent.source_id == user.account_id else "in",
+        "counterparty": counterparty, "note": intent.note, "failure_reason": None,
+        "settled_at": None,
+    }  # fmt: skip
+
+
+async def _pay_in_steps(pool: asyncpg.Pool, user: User, kind: str, body: dict[str, Any],
+                        currency: str, amount_max_minor: int) -> Stored:  # fmt: skip
+    """The engine's general path, with no idempotency record: for the mutation, and for the
+    precise error when the one statement wrote nothing."""
+    async with pool.acquire() as conn, conn.transaction():
+        txn, counterparty = await _create(conn, user, kind, body, currency, amount_max_minor)
+    return Stored(202, render(txn, user, counterparty), False, txn)
 
 
 async def _replay(conn: Conn, user: User, key: str, digest: str) -> Stored:
@@ -159,7 +240,7 @@ async def _replay(conn: Conn, user: User, key: str, digest: str) -> Stored:
                       "this idempotency key was used with a different request")  # fmt: skip
     if row["state"] != "done":
         raise Problem(409, "Request in flight", "retry shortly", headers={"Retry-After": "1"})
-    return Stored(row["status_code"], json.loads(row["response_body"]), True)
+    return Stored(row["status_code"], orjson.loads(row["response_body"]), True)
 
 
 async def _create(conn: Conn, user: User, kind: str, body: dict[str, Any],
@@ -181,7 +262,9 @@ async def _create(conn: Conn, user: User, kind: str, body: dict[str, Any],
 
 
 def _rfc3339(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 # A transaction as its user sees it: the counterparty is the other side's email, or "bank".
@@ -191,6 +274,21 @@ _VIEW = (
     " (CASE WHEN t.source_id = $1 THEN t.dest_id ELSE t.source_id END)::text) AS counterparty"
     " FROM transactions t LEFT JOIN users u ON t.kind = 'transfer'"
     " AND u.account_id = CASE WHEN t.source_id = $1 THEN t.dest_id ELSE t.source_id END"
+)
+
+
+# A page of history: the newest of what the account paid and the newest of what it got, each
+# an ordered scan of its own index (source_id or dest_id, created_at DESC, id DESC) that stops
+# at the page size, merged; an OR of both would read every row of the account and sort them.
+_PAGE = (
+    f"SELECT {_VIEW} WHERE t.id IN (SELECT id FROM ("
+    " (SELECT id, created_at FROM transactions WHERE source_id = $1"
+    "  AND (created_at, id) < ($2, $3) ORDER BY created_at DESC, id DESC LIMIT $4)"
+    " UNION ALL"
+    " (SELECT id, created_at FROM transactions WHERE dest_id = $1 AND source_id <> $1"
+    "  AND (created_at, id) < ($2, $3) ORDER BY created_at DESC, id DESC LIMIT $4)"
+    " ) newest ORDER BY created_at DESC, id DESC LIMIT $4)"
+    " ORDER BY t.created_at DESC, t.id DESC"
 )
 
 
@@ -250,11 +348,7 @@ async def list_transactions(pool: asyncpg.Pool, user: User, cursor: str | None,
     """Newest first, keyset-paginated on (created_at, id): stable under concurrent inserts."""
     after = _parse_cursor(cursor) if cursor else (dt.datetime.max.replace(tzinfo=dt.UTC),
                                                   uuid.UUID(int=2**128 - 1))  # fmt: skip
-    rows = await pool.fetch(
-        f"SELECT {_VIEW} WHERE (t.source_id = $1 OR t.dest_id = $1)"
-        " AND (t.created_at, t.id) < ($2, $3)"
-        " ORDER BY t.created_at DESC, t.id DESC LIMIT $4", user.account_id, after[0], after[1],
-        limit + 1)  # fmt: skip
+    rows = await pool.fetch(_PAGE, user.account_id, after[0], after[1], limit + 1)
     page = rows[:limit]
     items = [_viewed(r, user) for r in page]
     more = len(rows) > limit
@@ -313,23 +407,28 @@ def _drain(out: io.StringIO) -> str:
     return text
 
 
+# The balance, the month totals the ledger keeps beside it (migration 0006: zero when they
+# belong to an earlier month) and the open transactions (partial indexes: few rows).
+_DASHBOARD = """
+SELECT b.posted, b.pending,
+       CASE WHEN b.month_start = date_trunc('month', now() AT TIME ZONE 'UTC')::date
+            THEN b.month_in_minor ELSE 0 END AS month_in,
+       CASE WHEN b.month_start = date_trunc('month', now() AT TIME ZONE 'UTC')::date
+            THEN b.month_out_minor ELSE 0 END AS month_out,
+       (SELECT count(*) FROM transactions WHERE source_id = $1
+            AND status IN ('pending', 'processing'))
+       + (SELECT count(*) FROM transactions WHERE dest_id = $1 AND source_id <> $1
+            AND status IN ('pending', 'processing')) AS pending_count
+FROM balances b WHERE b.account_id = $1
+"""
+RECENT = 10
+
+
 async def dashboard(pool: asyncpg.Pool, user: User, user_currency: str) -> dict[str, Any]:
-    balance = await pool.fetchrow(
-        "SELECT posted, pending FROM balances WHERE account_id = $1", user.account_id
-    )
-    assert balance is not None
-    totals = await pool.fetchrow(
-        "SELECT coalesce(sum(amount_minor) FILTER (WHERE dest_id = $1), 0)::bigint AS month_in,"
-        " coalesce(sum(amount_minor) FILTER (WHERE source_id = $1), 0)::bigint AS month_out,"
-        " (SELECT count(*) FROM transactions WHERE (source_id = $1 OR dest_id = $1)"
-        "  AND status IN ('pending', 'processing')) AS pending_count"
-        " FROM transactions WHERE (source_id = $1 OR dest_id = $1) AND status = 'settled'"
-        " AND settled_at >= date_trunc('month', now())",
-        user.account_id,
-    )
+    totals = await pool.fetchrow(_DASHBOARD, user.account_id)
     assert totals is not None
-    recent = await list_transactions(pool, user, None, 10)
-    posted, pending = balance["posted"], balance["pending"]
+    recent = await list_transactions(pool, user, None, RECENT)
+    posted, pending = totals["posted"], totals["pending"]
     return {
         "balance": {"currency": user_currency, "posted": posted, "pending": pending,
                     "available": posted - pending},

@@ -37,7 +37,7 @@ from engine._errors import (
     UnknownAccount,
     UnknownTransaction,
 )
-from engine._ledger import RETRYABLE_SQLSTATES, apply_batch, with_retries
+from engine._ledger import RETRYABLE_SQLSTATES, apply_batch, new_id, with_retries
 from engine._types import Conn, Db
 
 __all__ = [
@@ -75,6 +75,7 @@ __all__ = [
     "ensure_system_accounts",
     "get_balance",
     "get_transaction",
+    "new_id",
     "open_accounts",
     "system_account",
     "validate_amount",

@@ -65,8 +65,15 @@ WITH new_postings AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::bigint[])
     RETURNING 1
 ), new_balances AS (
-    UPDATE balances b SET posted = v.posted, pending = v.pending, updated_at = now()
-    FROM unnest($5::uuid[], $6::bigint[], $7::bigint[]) AS v(account_id, posted, pending)
+    UPDATE balances b SET posted = v.posted, pending = v.pending, updated_at = now(),
+        -- The dashboard's month totals (migration 0006): settled money in and out this UTC month.
+        month_start = date_trunc('month', now() AT TIME ZONE 'UTC')::date,
+        month_in_minor = v.month_in + CASE WHEN b.month_start
+            = date_trunc('month', now() AT TIME ZONE 'UTC')::date THEN b.month_in_minor ELSE 0 END,
+        month_out_minor = v.month_out + CASE WHEN b.month_start
+            = date_trunc('month', now() AT TIME ZONE 'UTC')::date THEN b.month_out_minor ELSE 0 END
+    FROM unnest($5::uuid[], $6::bigint[], $7::bigint[], $13::bigint[], $14::bigint[])
+        AS v(account_id, posted, pending, month_in, month_out)
     WHERE b.account_id = v.account_id
     RETURNING 1
 ), new_states AS (
@@ -166,6 +173,12 @@ def _collapse(changes: Sequence[StateChange]) -> list[tuple[uuid.UUID, str, str,
 async def _write(conn: Conn, d: Decision) -> None:
     touched = list(d.touched.values())
     states = _collapse(d.changes)
+    # Postings are made when money settles: what each account got and paid this batch.
+    month_in: dict[uuid.UUID, int] = {}
+    month_out: dict[uuid.UUID, int] = {}
+    for p in d.postings:
+        side = month_in if p.amount_minor > 0 else month_out
+        side[p.account_id] = side.get(p.account_id, 0) + abs(p.amount_minor)
     counts = await conn.fetchrow(
         _WRITE,
         [p.txn_id for p in d.postings],
@@ -180,6 +193,8 @@ async def _write(conn: Conn, d: Decision) -> None:
         [row[2] for row in states],
         [row[3] for row in states],
         [row[4] for row in states],
+        [month_in.get(b.account_id, 0) for b in touched],
+        [month_out.get(b.account_id, 0) for b in touched],
     )
     assert counts is not None
     expected = (len(d.postings), len(touched), len(states))

@@ -170,13 +170,22 @@ class AuthConfig:
     argon2_time_cost: int = 2
     argon2_parallelism: int = 1
     hash_processes: int = 1
-    hash_duty_pct: int = 25
-    hash_hold_ms: int = 100  # the longest one hash waits, in all, for a moment without payments
+    # Hashing's share of a core adapts (api/_hashing.py HashBudget): it halves whenever a payment
+    # took longer than hash_target_ms, down to hash_share_min_pct, and grows back otherwise.
+    hash_target_ms: int = 100
+    hash_share_min_pct: int = 5
+    hash_hold_ms: int = 100  # the longest one hash is paused, in all, for payments in flight
+    # A sign-in waits at most this long for a hashing process; one that would wait longer is
+    # refused at once (503 + Retry-After). The line is bounded too.
+    signin_deadline_s: float = 10.0
+    hash_waiting_max: int = 1024
     access_ttl_s: int = 900
     refresh_ttl_s: int = 30 * 24 * 3600
     # How stale an API process's key ring may be: `kizo keys rotate` reaches every running
     # process within this time, with no restart.
     keyring_reload_s: float = 5.0
+    # How long an API process trusts the user row it read for an access token (role, account).
+    user_cache_s: float = 5.0
 
 
 # OWASP's Argon2id configurations, equal in strength (memory KiB, passes): no weaker setting is
@@ -256,7 +265,16 @@ def _auth(env: Mapping[str, str]) -> AuthConfig:
         argon2_memory_kib=memory_kib,
         argon2_time_cost=time_cost,
         hash_processes=_int(env, "KIZO_HASH_PROCESSES", d.hash_processes, low=1, high=64),
-        hash_duty_pct=_int(env, "KIZO_HASH_DUTY_PCT", d.hash_duty_pct, low=1, high=100),
+        hash_target_ms=_int(env, "KIZO_HASH_TARGET_MS", d.hash_target_ms, low=1, high=60_000),
+        hash_share_min_pct=_int(
+            env, "KIZO_HASH_SHARE_MIN_PCT", d.hash_share_min_pct, low=1, high=100
+        ),
+        signin_deadline_s=_float(
+            env, "KIZO_SIGNIN_DEADLINE_S", d.signin_deadline_s, low=0.1, high=300
+        ),
+        hash_waiting_max=_int(
+            env, "KIZO_HASH_WAITING_MAX", d.hash_waiting_max, low=1, high=100_000
+        ),
         hash_hold_ms=_int(env, "KIZO_HASH_HOLD_MS", d.hash_hold_ms, low=0, high=10_000),
         # Short only in tests and demos of the web dashboard's refresh (docs/web.md).
         access_ttl_s=_int(env, "KIZO_ACCESS_TTL_S", d.access_ttl_s, low=1, high=86_400),

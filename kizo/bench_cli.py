@@ -12,7 +12,7 @@ from infra.config import Config
 
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "name", choices=["ledger", "pipeline", "api", "proxy"], help="what to measure"
+        "name", choices=["ledger", "pipeline", "api", "proxy", "e2e"], help="what to measure"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--transfers", type=bounded_int(100, 2_000_000), help="default 40k / 20k")
@@ -39,6 +39,19 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     api.add_argument("--flood", type=bounded_int(1, 512), default=16, help="sign-in loops")
     api.add_argument("--windows", type=bounded_int(1, 40), default=8, help="pairs of windows")
     api.add_argument("--window-seconds", type=bounded_int(1, 120), default=4)
+    e2e = parser.add_argument_group("e2e")
+    e2e.add_argument("--accounts-e2e", type=bounded_int(100, 100_000), default=2000,
+                     help="accounts the users sign in as")  # fmt: skip
+    e2e.add_argument("--hold-seconds", type=bounded_int(5, 600), default=60)
+    e2e.add_argument("--ramp-seconds", type=bounded_int(1, 120), default=20)
+    e2e.add_argument("--steps", default="10,20,40,60,80,100",
+                     help="capacity profile: users per step")  # fmt: skip
+    e2e.add_argument("--step-seconds", type=bounded_int(5, 120), default=15)
+    e2e.add_argument("--api-workers", type=bounded_int(1, 8), default=2,
+                     help="API processes (2 beat 1 on 2 cores: docs/benchmarks.md)")  # fmt: skip
+    e2e.add_argument("--profiles", default="seed,capacity,recovery")
+    e2e.add_argument("--out", default="bench-e2e", help="folder for report.md/.json and PNGs")
+    e2e.add_argument("--readme", help="write the Performance section of this README")
     proxy = parser.add_argument_group("proxy")
     proxy.add_argument("--pairs", type=bounded_int(1, 20), default=3,
                        help="pairs of pgbench windows (direct, proxied) per workload")  # fmt: skip
@@ -47,9 +60,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 def _bench(config: Config, args: argparse.Namespace) -> int:
     if args.accounts is not None and args.accounts < 3:
         raise UsageError("--accounts must be at least 3")
-    report, text = {"ledger": _ledger, "pipeline": _pipeline, "api": _api, "proxy": _proxy}[
-        args.name
-    ](config, args)
+    benches = {"ledger": _ledger, "pipeline": _pipeline, "api": _api, "proxy": _proxy,
+               "e2e": _e2e}  # fmt: skip
+    report, text = benches[args.name](config, args)
     print(json.dumps(report) if args.json else text)
     return 0
 
@@ -87,6 +100,33 @@ def _api(_config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str
         seed=args.seed,
     )
     report = run(params)
+    return report, table(report)
+
+
+def _e2e(_config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from kizo.bench_e2e import E2eParams, run, table
+
+    try:
+        steps = tuple(int(n) for n in args.steps.split(","))
+    except ValueError:
+        raise UsageError("--steps must be user counts separated by commas") from None
+    profiles = tuple(args.profiles.split(","))
+    if not steps or min(steps) < 1 or max(steps) > 1000:
+        raise UsageError("--steps: each from 1 to 1000 users")
+    if not set(profiles) <= {"seed", "capacity", "recovery"}:
+        raise UsageError("--profiles: any of seed, capacity, recovery, comma-separated")
+    params = E2eParams(
+        users=args.accounts_e2e, ramp_s=args.ramp_seconds, hold_s=args.hold_seconds,
+        steps=steps, step_s=args.step_seconds, api_workers=args.api_workers,
+        profiles=profiles, out=args.out,
+    )  # fmt: skip
+    report = run(params)
+    if args.readme:
+        from pathlib import Path
+
+        from kizo.bench_e2e import readme_section, write_readme
+
+        write_readme(Path(args.readme), readme_section(report))
     return report, table(report)
 
 

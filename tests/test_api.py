@@ -20,6 +20,7 @@ import pytest_asyncio
 from quart.typing import TestClientProtocol as Client
 
 from api.app import create_app
+from engine import Action, Op, apply_batch
 from infra.config import Config, RateLimitConfig
 from tests.conftest import TEST_SECRETS, ServerSet, kizo_env, unique_email
 
@@ -522,3 +523,31 @@ async def test_payment_is_accepted_while_redis_is_down(
     finally:
         await conn.close()
     assert stored == 1
+
+
+@pytest.mark.asyncio
+async def test_dashboard_month_totals_are_kept_by_the_settling_batch(
+    client: Client, db_url: str
+) -> None:
+    payer, payee = await _signup(client), await _signup(client)
+    deposit = await _pay(client, payer, "deposit", {"amount": 500}, "m1")
+    payee_me = await (await client.get("/api/v1/accounts/me", headers=_auth(payee))).get_json()
+    conn = await asyncpg.connect(db_url)
+    try:
+        await apply_batch(conn, [Op(uuid.UUID((await deposit.get_json())["id"]), Action.CREDIT)])
+        transfer = await _pay(client, payer, "transfer",
+                              {"to": payee_me["account_id"], "amount": 120}, "m2")  # fmt: skip
+        board = await (await client.get("/api/v1/dashboard", headers=_auth(payer))).get_json()
+        assert (board["month_totals"], board["pending_count"]) == ({"in": 500, "out": 0}, 1)
+        await apply_batch(conn, [Op(uuid.UUID((await transfer.get_json())["id"]),
+                                    Action.TRANSFER)])  # fmt: skip
+        # A total of an earlier month reads as zero; the next settlement starts from zero.
+        await conn.execute("UPDATE balances SET month_start = month_start - 31"
+                           " WHERE account_id = $1", uuid.UUID(payee_me["account_id"]))  # fmt: skip
+    finally:
+        await conn.close()
+    board = await (await client.get("/api/v1/dashboard", headers=_auth(payer))).get_json()
+    assert (board["month_totals"], board["pending_count"]) == ({"in": 500, "out": 120}, 0)
+    assert board["balance"]["available"] == 380
+    other = await (await client.get("/api/v1/dashboard", headers=_auth(payee))).get_json()
+    assert other["month_totals"] == {"in": 0, "out": 0}

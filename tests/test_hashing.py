@@ -1,5 +1,6 @@
 """Password hashing in its own processes: answers, pauses while payments are in flight, bounded
-pauses, and recovery when a hashing process dies."""
+pauses, recovery when a hashing process dies, the adaptive budget, and admission with a
+deadline."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import asyncio
 import dataclasses
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
 from api._auth import Passwords
+from api._hashing import HashBudget
 from api._problems import Problem
 from infra.config import AuthConfig
 
@@ -54,9 +57,11 @@ async def test_hash_and_verify_with_pepper(passwords: Passwords) -> None:
 
 @pytest.mark.asyncio
 async def test_a_hash_waits_while_a_payment_is_in_flight(passwords: Passwords) -> None:
+    passwords.budget.share = passwords.budget.share_min  # payments have been slow
+    hold_s = passwords.budget.hold_s(HOLD_MAX_S)
     with passwords.held_off():
         pending = asyncio.ensure_future(passwords.hash("correct horse battery"))
-        done, _ = await asyncio.wait([pending], timeout=HOLD_MAX_S / 2)
+        done, _ = await asyncio.wait([pending], timeout=hold_s / 2)
         assert not done, "the hash ran although a payment was in flight"
     assert (await asyncio.wait_for(pending, 10)).startswith("$argon2id$")
 
@@ -74,6 +79,7 @@ async def test_a_dead_hashing_process_costs_one_503_then_is_replaced(
     passwords: Passwords,
 ) -> None:
     [pid] = _hashing_pids(passwords)
+    passwords.budget.share = passwords.budget.share_min  # so that the hash is surely paused
     with passwords.held_off():  # paused mid-hash, then killed: the worst moment
         pending = asyncio.ensure_future(passwords.hash("correct horse battery"))
         await asyncio.sleep(0.05)
@@ -83,3 +89,61 @@ async def test_a_dead_hashing_process_costs_one_503_then_is_replaced(
     assert (refused.value.status, refused.value.headers) == (503, {"Retry-After": "1"})
     assert (await passwords.hash("correct horse battery")).startswith("$argon2id$")
     assert _hashing_pids(passwords) != [pid]
+
+
+def test_the_budget_halves_when_payments_are_slow_and_grows_back_while_they_are_fast() -> None:
+    budget = HashBudget(target_s=0.05, share_min=0.05, share_step=0.1, window_s=0.5)
+    budget.observe(0.01, now=100.0)  # opens the first window
+    start = budget.share
+    for i in range(19):  # one slow payment in twenty is noise: no change
+        budget.observe(0.2 if i == 0 else 0.01, now=100.1)
+    budget.observe(0.01, now=100.6)  # the window closes
+    assert budget.share == start
+    budget.observe(0.2, now=100.7)  # a slow half of this window...
+    budget.observe(0.01, now=100.8)
+    budget.observe(0.01, now=101.2)  # ...halves the share when it closes
+    assert budget.share == pytest.approx(start / 2)
+    for i in range(30):  # slow windows, one after another: down to the floor, not below
+        budget.observe(0.2, now=101.3 + 0.6 * i)
+    assert budget.share == budget.share_min
+    assert budget.hold_s(0.1) == pytest.approx(0.1 * (1 - budget.share_min))
+    budget.observe(0.01, now=200.0)  # a long quiet time: the CPU was there to take
+    budget.advance(now=210.0)
+    assert budget.share == 1.0
+    assert (budget.rest_s(0.02), budget.hold_s(0.1)) == (0.0, 0.0)
+    budget.share = 0.25  # a quarter of a core: rest three times the CPU a hash took
+    assert budget.rest_s(0.02) == pytest.approx(0.06)
+
+
+@pytest.mark.asyncio
+async def test_sign_ins_beyond_the_deadline_are_refused_at_once_with_retry_after() -> None:
+    deadline_s = 0.5
+    p = Passwords(dataclasses.replace(CONFIG, signin_deadline_s=deadline_s))
+    await p.warm_up()
+    outcomes: list[tuple[float, int, int]] = []  # (seconds, status, Retry-After)
+
+    async def sign_in() -> None:
+        started = time.monotonic()
+        try:
+            await p.verify(None, "pw-12345678")
+            outcomes.append((time.monotonic() - started, 200, 0))
+        except Problem as refused:
+            retry = int(refused.headers["Retry-After"])
+            outcomes.append((time.monotonic() - started, refused.status, retry))
+
+    try:
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(sign_in() for _ in range(200))), 30)
+        took_s = time.monotonic() - started
+    finally:
+        await p.aclose()
+    served = [o for o in outcomes if o[1] == 200]
+    refused = [o for o in outcomes if o[1] != 200]
+    assert served, "nothing was served"
+    assert refused, "200 sign-ins at once on one process all fit in half a second?"
+    assert {status for _, status, _ in refused} == {503}
+    assert all(retry >= 1 for *_, retry in refused)
+    at_once = [o for o in refused if o[0] < deadline_s / 2]
+    assert len(at_once) >= len(refused) / 2, "the line's estimate refused too few at once"
+    # Nobody waits past the deadline for a hashing process: only the hash in progress then.
+    assert took_s < deadline_s + 1.0
