@@ -10,6 +10,7 @@ whose job already completed is a no-op in the ledger (the batch guards on status
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
 import uuid
@@ -29,6 +30,11 @@ SETTLE_JOB = "settle"
 # Redis round trips are paid once per group instead of once per intent.
 SETTLE_MANY_JOB = "settle_many"
 SETTLE_MANY_MAX = 100
+# The API's enqueues that failed (Redis down), kept for a retry: at most this many, retried
+# after RETRY_FIRST_S, doubling to RETRY_MAX_S while Redis stays away.
+PARKED_MAX = 100_000
+RETRY_FIRST_S = 0.25
+RETRY_MAX_S = 2.0
 QUEUE_PREFIX = "settle-"
 # A job that does not finish in this time is retried by SAQ; the ledger makes the retry safe.
 # It is also how long the jobs of a worker that died stay "active" before SAQ's sweep hands
@@ -195,12 +201,22 @@ class Coalescer:
     next flush takes all of them. A lone intent is flushed at once as a plain ``settle`` job
     keyed by its transaction id: no timer, so no added wait at low load, and under load the
     groups grow by themselves. Each caller awaits its own intent's flush and sees its error.
+
+    What a failed flush held (Redis down) is parked and retried, with the next flush or on a
+    timer (0.25 s, doubling to 2 s while it keeps failing), so the backlog of an outage is
+    enqueued as soon as Redis answers again rather than at the janitor's next relay. Bounded
+    (``parked_max``; beyond it the oldest are let go) and in memory only: the rows stay
+    pending, so the janitor's relay still covers a process that dies or lets go.
     """
 
     def __init__(self, queues: QueueSet, per_job_max: int = SETTLE_MANY_MAX,
-                 on_flush: Callable[[int], None] | None = None) -> None:  # fmt: skip
+                 on_flush: Callable[[int], None] | None = None,
+                 parked_max: int = PARKED_MAX) -> None:  # fmt: skip
         self.queues = queues
         self.per_job_max = per_job_max
+        self.parked_max = parked_max
+        self._parked: list[Routed] = []  # what failed flushes held, oldest first
+        self._retry_s = RETRY_FIRST_S
         self._on_flush = on_flush  # told each flush's intent count (the API's metrics)
         self._waiting: list[tuple[Routed, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
@@ -220,10 +236,14 @@ class Coalescer:
         batch: list[tuple[Routed, asyncio.Future[None]]] = []
         try:
             while True:
-                await self._wake.wait()
+                if self._parked:  # retry them after a while even if no request comes
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self._retry_s)
+                else:
+                    await self._wake.wait()
                 self._wake.clear()
                 batch, self._waiting = self._waiting, []
-                if batch:
+                if batch or self._parked:
                     await self._flush(batch)
         finally:
             for _, done in batch + self._waiting:
@@ -231,16 +251,24 @@ class Coalescer:
                     done.set_exception(ConnectionError("enqueue stopped: shutting down"))
             self._waiting = []
 
+    @property
+    def parked(self) -> int:
+        return len(self._parked)
+
     async def _flush(self, batch: list[tuple[Routed, asyncio.Future[None]]]) -> None:
-        items = [item for item, _ in batch]
+        items = [*self._parked, *(item for item, _ in batch)]
+        self._parked = []
         error: BaseException | None = None
         try:
             if len(items) == 1:
                 await self.queues.enqueue(items)
             else:
                 await self.queues.enqueue_grouped(items, self.per_job_max)
+            self._retry_s = RETRY_FIRST_S
         except Exception as exc:  # handed to every caller of this batch, who decides
             error = exc
+            self._parked = items[-self.parked_max :]
+            self._retry_s = min(RETRY_MAX_S, self._retry_s * 2)
         self.flushes += 1
         self.intents += len(items)
         if self._on_flush is not None:

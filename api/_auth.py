@@ -95,7 +95,9 @@ class Passwords:
         self._waiting = 0
         self._waiting_max = config.hash_waiting_max
         self._deadline_s = config.signin_deadline_s
+        self._urgent_s = min(config.signin_urgent_s, config.signin_deadline_s)
         self._hash_s = HASH_S_GUESS  # per exchange, rests and pauses included: a moving average
+        self._urgent_hash_s = HASH_S_GUESS  # per urgent exchange (no rests, no pauses): the same
         # Verified against when the email is unknown: the same work, so no enumeration by timing.
         dummy = PasswordHasher(time_cost=args[1], memory_cost=args[0], parallelism=args[2])
         self._dummy = dummy.hash(self._peppered("not-a-password"))
@@ -106,29 +108,43 @@ class Passwords:
         ).decode()
 
     def expected_wait_s(self) -> float:
-        """How long a request arriving now would wait for a hashing process."""
+        """How long a request arriving now would wait for a hashing process: the line ahead at
+        the budget's pace, but no longer than the urgent wait plus the line at urgent pace
+        (whoever has waited ``signin_urgent_s`` is served without rests)."""
         if self._waiting == 0 and not self._idle.empty():
             return 0.0
-        return (self._waiting + 1) * self._hash_s / len(self._workers)
+        return self._line_s(self._waiting + 1)
+
+    def _line_s(self, requests: int) -> float:
+        paced = requests * self._hash_s
+        urgent = self._urgent_s + requests * self._urgent_hash_s
+        return min(paced, urgent) / len(self._workers)
 
     async def _exchange(self, request: str, deadline: float) -> str:
         """Counted as waiting by ``_run`` already (before this task first runs, so that a burst
         arriving in one tick sees its own line)."""
+        arrived = time.monotonic()
         try:
-            worker = await asyncio.wait_for(self._idle.get(), deadline - time.monotonic())
+            worker = await asyncio.wait_for(self._idle.get(), deadline - arrived)
         except TimeoutError:
             metrics.HASHING_REJECTED.inc()
-            raise _busy(self._waiting * self._hash_s / len(self._workers)) from None
+            raise _busy(self._line_s(self._waiting)) from None
         finally:
             self._waiting -= 1
             metrics.HASHING_QUEUE.dec()
         metrics.HASHING_BUSY.inc()
         started = time.monotonic()
+        urgent = started - arrived >= self._urgent_s
+        if urgent:
+            metrics.HASHING_URGENT.inc()
         try:
-            return await worker.call(request)
+            return await worker.call(request, urgent)
         finally:
             took_s = time.monotonic() - started
-            self._hash_s += HASH_S_WEIGHT * (took_s - self._hash_s)
+            if urgent:
+                self._urgent_hash_s += HASH_S_WEIGHT * (took_s - self._urgent_hash_s)
+            else:
+                self._hash_s += HASH_S_WEIGHT * (took_s - self._hash_s)
             metrics.HASHING_BUSY.dec()
             self._idle.put_nowait(worker)
 
@@ -177,7 +193,7 @@ class Passwords:
         await asyncio.gather(*(w.start() for w in self._workers))
         started = time.monotonic()
         await self.verify(self._dummy, "not-a-password")
-        self._hash_s = time.monotonic() - started
+        self._hash_s = self._urgent_hash_s = time.monotonic() - started
 
     async def hash(self, password: str) -> str:
         with metrics.HASHING_DURATION.labels("hash").time():

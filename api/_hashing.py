@@ -18,6 +18,10 @@ and the API's event loop does the pipes' I/O itself. A hashing process:
 - is paused (SIGSTOP) while its API process has payments in flight, for at most
   ``hold_max_s * (1 - share)`` per hash: at a full share (payments fast) not at all;
 - ignores Ctrl-C (its parent ends it by closing stdin) and dies with its parent (PDEATHSIG).
+
+An urgent request (a sign-in that has waited ``AuthConfig.signin_urgent_s``) is exempt from all
+three: no rest before it, no pause, and normal CPU priority while it runs. A budget that only
+ever yields would starve sign-ins outright on a busy machine; aging bounds their wait instead.
 """
 
 from __future__ import annotations
@@ -120,6 +124,7 @@ class HashWorker:
         self._deadline: asyncio.TimerHandle | None = None
         self._rest_until = 0.0  # the budget's pacing: no hash starts before this
         self.busy = False
+        self._urgent = False  # the running request is urgent: never paused
 
     async def _start(self) -> asyncio.subprocess.Process:
         try:
@@ -136,13 +141,17 @@ class HashWorker:
         self._proc = proc
         return proc
 
-    async def call(self, request: str) -> str:
-        await asyncio.sleep(max(0.0, self._rest_until - time.monotonic()))
+    async def call(self, request: str, urgent: bool = False) -> str:
+        """One request's answer. ``urgent``: no rest before it, no pause, normal priority."""
+        if not urgent:
+            await asyncio.sleep(max(0.0, self._rest_until - time.monotonic()))
         proc = self._proc
         if proc is None or proc.returncode is not None:
             proc = await self._start()
         assert proc.stdin is not None and proc.stdout is not None
-        self.busy, self._job_held_s = True, 0.0
+        self.busy, self._job_held_s, self._urgent = True, 0.0, urgent
+        if urgent:
+            _set_priority(proc.pid, idle=False)
         try:
             proc.stdin.write(request.encode() + b"\n")
             await proc.stdin.drain()
@@ -153,7 +162,9 @@ class HashWorker:
             answer = b""
         finally:
             self.resume()
-            self.busy = False
+            self.busy, self._urgent = False, False
+            if urgent:
+                _set_priority(proc.pid, idle=True)
         status, cpu_us, value = _parse(answer)
         if status != "ok" or not answer.endswith(b"\n"):
             self._proc = None
@@ -167,7 +178,7 @@ class HashWorker:
     def pause(self) -> None:
         """Pause the running hash, unless it has been held long enough already."""
         proc = self._proc
-        if not self.busy or self._paused_at is not None or proc is None:
+        if not self.busy or self._urgent or self._paused_at is not None or proc is None:
             return
         left_s = self._budget.hold_s(self._hold_max_s) - self._job_held_s
         if left_s <= 0 or proc.returncode is not None:
@@ -200,6 +211,15 @@ class HashWorker:
         proc, self._proc = self._proc, None
         if proc is not None:
             await _end(proc)
+
+
+def _set_priority(pid: int, *, idle: bool) -> None:
+    """SCHED_IDLE (hashing's default) or back to SCHED_OTHER, for an urgent request. Linux
+    lets an unprivileged process make that switch within its RLIMIT_NICE; where it may not,
+    the urgent request still skips rests and pauses."""
+    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(pid, policy, os.sched_param(0))
 
 
 def _parse(answer: bytes) -> tuple[str, int, str]:

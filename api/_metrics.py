@@ -26,6 +26,8 @@ HASHING_QUEUE = Gauge("kizo_hashing_queue", "Hashes waiting for a hashing proces
                       multiprocess_mode="livesum")  # fmt: skip
 HASHING_BUSY = Gauge("kizo_hashing_busy", "Hashing processes working",
                      multiprocess_mode="livesum")  # fmt: skip
+HASHING_URGENT = Counter("kizo_hashing_urgent",
+                         "Sign-ins hashed without rests: they waited KIZO_SIGNIN_URGENT_S")
 HASHING_PAUSES = Counter("kizo_hashing_pauses", "Running hashes paused for payments")
 HASHING_REJECTED = Counter("kizo_hashing_rejected",
                            "Sign-ins refused: not servable by the deadline")  # fmt: skip

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
 
 from api._auth import Passwords
 from api._hashing import HashBudget
@@ -147,3 +148,42 @@ async def test_sign_ins_beyond_the_deadline_are_refused_at_once_with_retry_after
     assert len(at_once) >= len(refused) / 2, "the line's estimate refused too few at once"
     # Nobody waits past the deadline for a hashing process: only the hash in progress then.
     assert took_s < deadline_s + 1.0
+
+
+def _count(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+@pytest.mark.asyncio
+async def test_a_sign_in_that_waited_long_enough_is_neither_rested_nor_paused() -> None:
+    # Payments slow (the budget at its floor: a rest of 19 hashes' CPU after each) and one in
+    # flight all along: a budget alone would make a line of five wait seconds. Every one of
+    # these has waited signin_urgent_s (0 here): no rest, no pause, normal priority.
+    p = Passwords(dataclasses.replace(CONFIG, signin_urgent_s=0.0))
+    await p.warm_up()
+    try:
+        p.budget.share = p.budget.share_min
+        pauses, urgent = _count("kizo_hashing_pauses_total"), _count("kizo_hashing_urgent_total")
+        rests_s = 4 * p.budget.rest_s(0.015)  # what the budget would make the line wait
+        started = time.monotonic()
+        with p.held_off():
+            await asyncio.wait_for(
+                asyncio.gather(*(p.verify(None, "pw-12345678") for _ in range(5))), 10
+            )
+        took_s = time.monotonic() - started
+    finally:
+        await p.aclose()
+    assert _count("kizo_hashing_pauses_total") == pauses
+    assert _count("kizo_hashing_urgent_total") == urgent + 5
+    assert took_s < rests_s, (took_s, rests_s)
+
+
+@pytest.mark.asyncio
+async def test_the_line_estimate_counts_on_urgent_service_past_the_urgent_wait() -> None:
+    p = Passwords(dataclasses.replace(CONFIG, signin_urgent_s=2.0, signin_deadline_s=10.0))
+    p._hash_s, p._urgent_hash_s = 0.5, 0.02  # paced: a rest after every hash
+    p._waiting = 3
+    assert p.expected_wait_s() == pytest.approx(4 * 0.5)  # the paced line is the shorter
+    p._waiting = 99
+    assert p.expected_wait_s() == pytest.approx(2.0 + 100 * 0.02)  # not 50 s: admitted
+    await p.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import urllib.parse
 import uuid
 
 import asyncpg
@@ -195,3 +196,85 @@ async def test_coalescer_hands_a_redis_failure_to_every_caller_of_the_flush() ->
         with contextlib.suppress(asyncio.CancelledError):
             await flusher
         await redis.aclose()
+
+
+class TcpRelay:
+    """A TCP relay to Redis that can be told to refuse: an outage that ends."""
+
+    def __init__(self, redis_url: str) -> None:
+        target = urllib.parse.urlsplit(redis_url)
+        self.target = (target.hostname or "127.0.0.1", target.port or 6379)
+        self.refuse = False
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refuse:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.mark.asyncio
+async def test_coalescer_parks_what_redis_refused_and_enqueues_it_once_redis_is_back(
+    servers: ServerSet, db_url: str, pool: asyncpg.Pool, bank_url: str
+) -> None:
+    # Requests during an outage see the error (they answered 202 already); their intents are
+    # parked and enqueued by the coalescer itself when Redis answers again, with no request and
+    # no janitor: the worker then settles every one.
+    users = await funded(pool, [1_000] * 6)
+    ids = await intents(pool, [NewIntent("transfer", users[i % 6], users[(i + 1) % 6], 1)
+                               for i in range(40)])  # fmt: skip
+    rows = await pool.fetch("SELECT id, source_id FROM transactions WHERE id = ANY($1::uuid[])",
+                            ids)  # fmt: skip
+    relay = TcpRelay(servers.redis_url)
+    await relay.start()
+    redis = Redis.from_url(relay.url, socket_timeout=1, socket_connect_timeout=1)
+    coalescer = Coalescer(QueueSet(redis, SHARDS, ENQUEUE_CONCURRENCY))
+    flusher = asyncio.create_task(coalescer.run())
+    try:
+        relay.refuse = True
+        results = await asyncio.gather(
+            *(coalescer.enqueue(Routed(r["id"], r["source_id"])) for r in rows),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, OSError | RedisError) for r in results), results
+        assert coalescer.parked == len(rows)
+        relay.refuse = False
+        for _ in range(100):  # bounded: the retry timer is at most 2 s
+            if coalescer.parked == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert coalescer.parked == 0
+        worker = start_worker(servers, db_url, bank_url)
+        try:
+            await wait_final(pool, ids)
+        finally:
+            assert stop_worker(worker) == 0
+    finally:
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        await redis.aclose()
+        await relay.stop()
+    await _exactly_once(pool)

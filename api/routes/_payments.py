@@ -60,7 +60,8 @@ async def _payment(kind: str, model: type[Amount]) -> Response:
 
 async def _enqueue(s: State, txn: Transaction) -> None:
     """After commit, so whatever goes wrong here the answer is still the 202 of a recorded
-    intent: it stays pending and the janitor's relay enqueues it."""
+    intent: it stays pending, the coalescer retries it once Redis answers (actors.Coalescer)
+    and the janitor's relay enqueues it should this process go away first."""
     try:
         await s.coalescer.enqueue(Routed(txn.id, actor_account(txn.kind, txn.source_id,
                                                                txn.dest_id)))  # fmt: skip
