@@ -437,7 +437,14 @@ def machine() -> dict[str, Any]:
 
     return {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(), "kernel": platform.release(),
-            "cpu_model": _cpu_model()}  # fmt: skip
+            "cpu_model": _cpu_model(),
+            "load_1m_at_start": round(os.getloadavg()[0], 2)}  # fmt: skip
+
+
+def _load_note(m: dict[str, Any]) -> str:
+    """What else the machine was doing, as far as the load average at the start tells."""
+    load = m.get("load_1m_at_start")
+    return "" if load is None else f", load average {load} when the run started"
 
 
 def _cpu_model() -> str:
@@ -568,8 +575,8 @@ def readme_section(report: dict[str, Any]) -> str:
              "Node original's own load test in locust, the settlement check, the report in "
              "`bench-e2e/report.md`). Machine: "
              f"{m['cpus']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, Python "
-             f"{m['python']}; the load generator shares the cores, and the machine was shared "
-             "with other work, so read the ratios.", "",
+             f"{m['python']}; the load generator shares the cores"
+             f"{_load_note(m)}; read the figures as ratios.", "",
              "| profile | figure | Kizo | Node original |", "|---|---|---|---|"]  # fmt: skip
     if seed := report.get("seed"):
         h, o = seed["hold"], seed["original"]
