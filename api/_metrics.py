@@ -21,13 +21,17 @@ ACCEPTED = Counter("kizo_intents_accepted", "Payment intents recorded and answer
 ENQUEUE_FLUSHES = Counter("kizo_api_enqueue_flushes", "SAQ enqueue round trips of the API")
 ENQUEUED_INTENTS = Counter("kizo_api_enqueued_intents", "Intents enqueued by the API")
 ENQUEUE_FAILURES = Counter("kizo_api_enqueue_failures", "Enqueues that failed (outbox relays)")
+RATE_LIMIT_UNAVAILABLE = Counter(
+    "kizo_rate_limit_unavailable", "Requests admitted unlimited: Redis did not answer the limit"
+)
 RATE_LIMITED = Counter("kizo_rate_limit_rejections", "Requests refused by a rate limit", ["route"])
 HASHING_QUEUE = Gauge("kizo_hashing_queue", "Hashes waiting for a hashing process",
                       multiprocess_mode="livesum")  # fmt: skip
 HASHING_BUSY = Gauge("kizo_hashing_busy", "Hashing processes working",
                      multiprocess_mode="livesum")  # fmt: skip
-HASHING_URGENT = Counter("kizo_hashing_urgent",
-                         "Sign-ins hashed without rests: they waited KIZO_SIGNIN_URGENT_S")
+HASHING_URGENT = Counter(
+    "kizo_hashing_urgent", "Sign-ins hashed without rests: they waited KIZO_SIGNIN_URGENT_S"
+)
 HASHING_PAUSES = Counter("kizo_hashing_pauses", "Running hashes paused for payments")
 HASHING_REJECTED = Counter("kizo_hashing_rejected",
                            "Sign-ins refused: not servable by the deadline")  # fmt: skip

@@ -52,6 +52,7 @@ class ApiBenchParams:
     window_seconds: int = 4
     pgbench_seconds: int = 10
     seed: int = 1
+    api_workers: int = 1  # API processes (KIZO_API_WORKERS): each has its own hashing budget
 
 
 @dataclass
@@ -347,7 +348,8 @@ async def _measure(system: System, p: ApiBenchParams) -> dict[str, Any]:
 def run(p: ApiBenchParams) -> dict[str, Any]:
     from infra import aio
 
-    overrides = {"KIZO_RATE_LIMITS": "off", "KIZO_JANITOR_INTERVAL_S": "30"}
+    overrides = {"KIZO_RATE_LIMITS": "off", "KIZO_JANITOR_INTERVAL_S": "30",
+                 "KIZO_API_WORKERS": str(p.api_workers)}  # fmt: skip
     with scratch_system(overrides) as system:
         return aio.run(_measure(system, p))
 

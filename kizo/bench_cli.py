@@ -30,6 +30,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         default=60,
         help="offered rate for the lag run, in %% of measured capacity",
     )
+    parser.add_argument("--api-workers", type=bounded_int(1, 8), default=None,
+                        help="api and e2e: API processes (default 1 for api, 2 for e2e:"
+                             " 2 beat 1 on 2 cores, docs/benchmarks.md)")  # fmt: skip
     api = parser.add_argument_group("api")
     api.add_argument("--users", type=bounded_int(2, 10_000), default=200)
     api.add_argument("--seconds", type=bounded_int(1, 600), default=10, help="throughput run")
@@ -47,8 +50,6 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     e2e.add_argument("--steps", default="10,20,40,60,80,100",
                      help="capacity profile: users per step")  # fmt: skip
     e2e.add_argument("--step-seconds", type=bounded_int(5, 120), default=15)
-    e2e.add_argument("--api-workers", type=bounded_int(1, 8), default=2,
-                     help="API processes (2 beat 1 on 2 cores: docs/benchmarks.md)")  # fmt: skip
     e2e.add_argument("--profiles", default="seed,capacity,recovery")
     e2e.add_argument("--out", default="bench-e2e", help="folder for report.md/.json and PNGs")
     e2e.add_argument("--readme", help="write the Performance section of this README")
@@ -98,6 +99,7 @@ def _api(_config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str
         window_seconds=args.window_seconds,
         pgbench_seconds=args.pgbench_seconds,
         seed=args.seed,
+        api_workers=args.api_workers or ApiBenchParams.api_workers,
     )
     report = run(params)
     return report, table(report)
@@ -117,7 +119,8 @@ def _e2e(_config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str
         raise UsageError("--profiles: any of seed, capacity, recovery, comma-separated")
     params = E2eParams(
         users=args.accounts_e2e, ramp_s=args.ramp_seconds, hold_s=args.hold_seconds,
-        steps=steps, step_s=args.step_seconds, api_workers=args.api_workers,
+        steps=steps, step_s=args.step_seconds,
+        api_workers=args.api_workers or E2eParams.api_workers,
         profiles=profiles, out=args.out,
     )  # fmt: skip
     report = run(params)

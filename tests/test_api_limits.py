@@ -19,6 +19,7 @@ from api.app import create_app
 from infra.config import Config, ConfigError, RateLimitConfig
 from infra.servers import free_port
 from tests.conftest import TEST_SECRETS, ServerSet, kizo_env, stop_process, unique_email, wait_http
+from tests.test_api import _pay, _signup
 
 
 @pytest_asyncio.fixture
@@ -146,3 +147,57 @@ def test_trusted_proxies_must_be_addresses_or_networks() -> None:
     assert parsed.trusted_proxies == ("10.89.0.0/24", "::1/128")
     with pytest.raises(ConfigError, match="KIZO_TRUSTED_PROXIES"):
         Config.from_env({"KIZO_TRUSTED_PROXIES": "gateway"})
+
+
+@pytest.mark.asyncio
+async def test_a_limit_admits_exactly_its_count_under_concurrent_requests(
+    two_api_processes: list[str], redis_client: object
+) -> None:
+    # Twelve sign-ups at once, from one address, spread over two processes, against 3 a
+    # minute: one script per request checks and moves every limit atomically, so exactly
+    # three pass (a read-then-write store admitted a few more under such a race).
+    async with httpx.AsyncClient(timeout=20) as http:
+        answers = await asyncio.gather(*(
+            http.post(f"{two_api_processes[n % 2]}/api/v1/auth/signup",
+                      json={"email": unique_email(), "password": "long enough pw", "name": "C"})
+            for n in range(12)
+        ))  # fmt: skip
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [201] * 3 + [429] * 9
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["RateLimit-Limit"] == "3"
+    assert refused.headers["RateLimit-Remaining"] == "0"
+
+
+@pytest.mark.asyncio
+async def test_answers_carry_the_limit_and_what_is_left_of_it(limited: Client) -> None:
+    email = unique_email()
+    left = []
+    for _ in range(3):
+        response = await limited.post(
+            "/api/v1/auth/signin", json={"email": email, "password": "wrong password"}
+        )
+        assert response.headers["RateLimit-Limit"] == "30"  # the first limit: per IP
+        left.append(int(response.headers["RateLimit-Remaining"]))
+        assert 0 <= int(response.headers["RateLimit-Reset"]) <= 60
+    assert left[0] > left[1] > left[2]
+    health = await limited.get("/health")
+    assert health.headers["RateLimit-Limit"] == "1200"  # every route: the default per IP
+
+
+@pytest.mark.asyncio
+async def test_without_redis_a_payment_is_still_accepted_unlimited(
+    limited: Client, servers: ServerSet, db_url: str
+) -> None:
+    if servers.valkey is None:
+        pytest.skip("needs the embedded Valkey to stop and start it")
+    tokens = await _signup(limited)
+    servers.valkey.kill()
+    try:
+        response = await _pay(limited, tokens, "deposit", {"amount": 26}, "limits-redis-down")
+    finally:
+        servers.valkey.start()
+    assert response.status_code == 202  # the limit failed open; the intent row is the outbox
+    assert "RateLimit-Limit" not in response.headers
