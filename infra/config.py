@@ -279,9 +279,7 @@ def _auth(env: Mapping[str, str]) -> AuthConfig:
         signin_deadline_s=_float(
             env, "KIZO_SIGNIN_DEADLINE_S", d.signin_deadline_s, low=0.1, high=300
         ),
-        signin_urgent_s=_float(
-            env, "KIZO_SIGNIN_URGENT_S", d.signin_urgent_s, low=0.0, high=300
-        ),
+        signin_urgent_s=_float(env, "KIZO_SIGNIN_URGENT_S", d.signin_urgent_s, low=0.0, high=300),
         hash_waiting_max=_int(
             env, "KIZO_HASH_WAITING_MAX", d.hash_waiting_max, low=1, high=100_000
         ),

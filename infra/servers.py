@@ -15,12 +15,13 @@ import contextlib
 import ctypes
 import importlib.util
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -58,6 +59,32 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+# Where free_port_run looks: below Linux's default ephemeral range (32768-60999), so the ports
+# the kernel hands out for port 0 (free_port, outgoing connections) never land in a run.
+PORT_RUN_LOW, PORT_RUN_HIGH = 20_000, 32_000
+
+
+def free_port_run(count: int, host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
+    """The first of ``count`` consecutive free ports (none in ``avoid``): for processes that
+    serve on a base port plus their index (``kizo up``'s workers)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(PORT_RUN_LOW, PORT_RUN_HIGH - count)
+        run = range(base, base + count)
+        if not set(run) & set(avoid) and all(_bindable(host, port) for port in run):
+            return base
+    raise OSError(f"no run of {count} free ports on {host}")
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:

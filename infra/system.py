@@ -32,7 +32,7 @@ from infra.processes import (
     stop_children,
     wait_child,
 )
-from infra.servers import EmbeddedPostgres, EmbeddedValkey, free_port
+from infra.servers import EmbeddedPostgres, EmbeddedValkey, free_port, free_port_run
 
 LOG_TAIL_LINES = 15
 # Processes that never go through the fault proxy: the proxy itself, and the bank (the outside
@@ -152,6 +152,17 @@ def _quiet(_message: str) -> None:
     pass
 
 
+WORKERS_PORTS = 64  # KIZO_WORKERS' bound: worker i serves /metrics on the base port + i
+
+
+def _scratch_ports() -> dict[str, str]:
+    """A free port for each server, and for the workers' metrics a run of free ports that no
+    other port falls in (with port 0's sequential picks, base + 1 was often the next one's)."""
+    ports = {name: free_port() for name in PORT_VARIABLES if name != "KIZO_WORKER_METRICS_PORT"}
+    base = free_port_run(WORKERS_PORTS, avoid=ports.values())
+    return {**{k: str(v) for k, v in ports.items()}, "KIZO_WORKER_METRICS_PORT": str(base)}
+
+
 @contextmanager
 def scratch_system(
     overrides: Mapping[str, str] | None = None, behind_proxy: bool = False
@@ -166,7 +177,7 @@ def scratch_system(
         env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
         env |= {
             "KIZO_HOME": home,
-            **{name: str(free_port()) for name in PORT_VARIABLES},
+            **_scratch_ports(),
             "KIZO_PROXY_FILE": "none",  # its proxies' fixed ports could clash; add them by API
             **scratch_env(Path(home)),  # its own secrets; the marker that allows KIZO_MUTATION
             **(overrides or {}),

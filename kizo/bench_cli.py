@@ -22,7 +22,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pgbench-seconds", type=bounded_int(1, 600), default=10)
     parser.add_argument("--seed", type=int, default=1)
     pipeline = parser.add_argument_group("pipeline")
-    pipeline.add_argument("--workers", type=bounded_int(1, 16), default=2)
+    pipeline.add_argument("--workers", type=bounded_int(1, 16), default=2,
+                          help="pipeline and e2e: worker processes")  # fmt: skip
     pipeline.add_argument("--lag-seconds", type=bounded_int(1, 600), default=10)
     pipeline.add_argument(
         "--rate-share",
@@ -120,7 +121,7 @@ def _e2e(_config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str
     params = E2eParams(
         users=args.accounts_e2e, ramp_s=args.ramp_seconds, hold_s=args.hold_seconds,
         steps=steps, step_s=args.step_seconds,
-        api_workers=args.api_workers or E2eParams.api_workers,
+        api_workers=args.api_workers or E2eParams.api_workers, workers=args.workers,
         profiles=profiles, out=args.out,
     )  # fmt: skip
     report = run(params)

@@ -68,6 +68,9 @@ class E2eParams:
     steps: tuple[int, ...] = (10, 20, 40, 60, 80, 100)
     step_s: int = 15
     api_workers: int = 2  # 2 beat 1 on 2 cores (docs/benchmarks.md, kizo bench e2e)
+    # Worker processes: with one, the worker's share of 2 busy cores (the scheduler shares by
+    # process) left settlement behind the API under the capacity mix (docs/benchmarks.md).
+    workers: int = 2
     profiles: tuple[str, ...] = ("seed", "capacity", "recovery")
     out: str = "bench-e2e"
 
@@ -441,6 +444,14 @@ def machine() -> dict[str, Any]:
             "load_1m_at_start": round(os.getloadavg()[0], 2)}  # fmt: skip
 
 
+def _system_note(report: dict[str, Any]) -> str:
+    params = report.get("params", {})
+    if "api_workers" not in params:
+        return ""
+    return (f" System: {params['api_workers']} API processes,"
+            f" {params.get('workers', 1)} worker processes.")  # fmt: skip
+
+
 def _load_note(m: dict[str, Any]) -> str:
     """What else the machine was doing, as far as the load average at the start tells."""
     load = m.get("load_1m_at_start")
@@ -457,19 +468,24 @@ def _cpu_model() -> str:
     return "unknown"
 
 
+def _overrides(p: E2eParams) -> dict[str, str]:
+    """The system under test, the same for the profiles and for recovery."""
+    return {"KIZO_RATE_LIMITS": "off", "KIZO_API_WORKERS": str(p.api_workers),
+            "KIZO_WORKERS": str(p.workers),
+            "KIZO_BANK_OPENING_BALANCE_MINOR": str(BANK_OPENING_MINOR)}  # fmt: skip
+
+
 def run(p: E2eParams) -> dict[str, Any]:
     from infra import aio
 
     out = Path(p.out)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = {"KIZO_RATE_LIMITS": "off", "KIZO_API_WORKERS": str(p.api_workers),
-                 "KIZO_BANK_OPENING_BALANCE_MINOR": str(BANK_OPENING_MINOR)}  # fmt: skip
     report: dict[str, Any] = {
         "params": asdict(p),
         "machine": machine(),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    with scratch_system(overrides) as system, \
+    with scratch_system(_overrides(p)) as system, \
             tempfile.TemporaryDirectory(prefix="kizo-e2e-") as tmp:  # fmt: skip
         setup = aio.run(_setup(system, p, Path(tmp)))
         report["accounts"] = setup.accounts
@@ -517,7 +533,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# kizo bench e2e, {report['started']}", "",
         f"Machine: {m['cpus']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, Python "
         f"{m['python']}, Linux {m['kernel']}; load generator (locust) on the same cores. "
-        f"{report['accounts']} accounts, rate limits off, {p['api_workers']} API process(es).",
+        f"{report['accounts']} accounts, rate limits off, {p['api_workers']} API process(es),"
+        f" {p.get('workers', 1)} worker process(es).",
     ]  # fmt: skip
     if seed := report.get("seed"):
         h, o = seed["hold"], seed["original"]
@@ -576,7 +593,7 @@ def readme_section(report: dict[str, Any]) -> str:
              "`bench-e2e/report.md`). Machine: "
              f"{m['cpus']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, Python "
              f"{m['python']}; the load generator shares the cores"
-             f"{_load_note(m)}; read the figures as ratios.", "",
+             f"{_load_note(m)}; read the figures as ratios.{_system_note(report)}", "",
              "| profile | figure | Kizo | Node original |", "|---|---|---|---|"]  # fmt: skip
     if seed := report.get("seed"):
         h, o = seed["hold"], seed["original"]
@@ -744,10 +761,8 @@ async def burst(system: System, setup: Setup) -> dict[str, Any]:
 def recovery(p: E2eParams, users: int) -> dict[str, Any]:
     from infra import aio
 
-    overrides = {"KIZO_RATE_LIMITS": "off",
-                 "KIZO_BANK_OPENING_BALANCE_MINOR": str(BANK_OPENING_MINOR)}  # fmt: skip
     small = E2eParams(users=max(BURST_USERS, min(p.users, 500)))
-    with scratch_system(overrides, behind_proxy=True) as system, \
+    with scratch_system(_overrides(p), behind_proxy=True) as system, \
             tempfile.TemporaryDirectory(prefix="kizo-e2e-") as tmp:  # fmt: skip
         setup = aio.run(_setup(system, small, Path(tmp)))
         return {"redis_outage": redis_outage(system, setup, users, Path(tmp))}

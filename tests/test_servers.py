@@ -26,7 +26,13 @@ import redis
 from infra import pg_home
 from infra.processes import Child, start_child
 from infra.readiness import NotReady, http_probe, wait_ready
-from infra.servers import EmbeddedPostgres, EmbeddedValkey, free_port, pg_bin_dir
+from infra.servers import (
+    EmbeddedPostgres,
+    EmbeddedValkey,
+    free_port,
+    free_port_run,
+    pg_bin_dir,
+)
 
 CYCLES = 20
 
@@ -311,3 +317,17 @@ def test_a_home_deleted_takes_its_data_with_it(tmp_path: Path, system_dir: Path)
     finally:
         pg.stop()
         pg.remove_data()
+
+
+def test_a_run_of_free_ports_is_free_whole_and_clear_of_the_ports_it_must_avoid() -> None:
+    # Worker i of a system serves /metrics on base + i: the whole run must be free, and free of
+    # the system's other ports (port 0's picks are sequential: base + 1 was often the next).
+    others = [free_port() for _ in range(6)]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        base = free_port_run(64, avoid=[*others, held.getsockname()[1]])
+    run = range(base, base + 64)
+    assert not set(run) & set(others)
+    for port in run:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))
