@@ -22,12 +22,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import httpx
-
 from actors._metrics import BANK_CALLS, BANK_DURATION
+from infra.http1 import HttpClient, HttpError, NotConnected, Reply
 
 Outcome = Literal["succeeded", "failed", "unknown", "unsent"]
 STATEMENT_PAGE_MAX = 1000
+IDLE_MAX_S = 4.0  # an idle connection older than this is not reused (a server may close it)
 
 
 class BankUnavailable(RuntimeError):
@@ -89,11 +89,11 @@ class BankClient:
         # The "unknown_as_failed" broken build: a lost answer is taken for a refusal.
         self._lost: Outcome = "failed" if unknown_as_failed else "unknown"
         self.backoff_s = backoff_s
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=connections_max),
-        )
+        # Never resent by the transport: a request that may have reached the bank is
+        # "unknown" here and resolved by key later (a resend with the same key would be safe
+        # too, but is left to the janitor, which asks first).
+        self._http = HttpClient(base_url, connections_max, timeout_s, resend_stale=False,
+                                idle_max_s=IDLE_MAX_S)  # fmt: skip
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -133,14 +133,14 @@ class BankClient:
             if self.key_per_request:
                 headers = {"Idempotency-Key": str(uuid.uuid4())}
             try:
-                response = await self._http.post(path, json=body, headers=headers)
-            except (httpx.ConnectError, httpx.ConnectTimeout):
+                response = await self._http.post(path, body, headers)
+            except NotConnected:
                 # No connection, so no request: nothing can have moved (a retry is harmless).
                 return BankResult("unsent")
-            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError):
+            except (HttpError, OSError, TimeoutError):
                 # The request may have been processed: only the bank's record can tell.
                 return BankResult(self._lost)
-            if response.status_code == 503 and attempt < self.retries_max:
+            if response.status == 503 and attempt < self.retries_max:
                 await asyncio.sleep(self.backoff_s * 2**attempt)
                 continue
             result = _result(response)
@@ -150,19 +150,19 @@ class BankClient:
     async def healthy(self) -> bool:
         """The bank answers its health check (200) within the client's timeout."""
         try:
-            return (await self._http.get("/health")).status_code == 200
-        except httpx.HTTPError:
+            return (await self._http.get("/health")).status == 200
+        except (HttpError, OSError, TimeoutError):
             return False
 
     async def get_payment(self, key: uuid.UUID) -> BankPayment | None:
         """The bank's record for ``key``; None when the bank never processed it."""
         response = await self._get("payment", f"/payments/{key}")
-        if response.status_code == 404:
+        if response.status == 404:
             BANK_CALLS.labels("payment", "not_found").inc()
             return None
-        if response.status_code != 200:
+        if response.status != 200:
             BANK_CALLS.labels("payment", "unavailable").inc()
-            raise BankUnavailable(f"GET /payments/{key} answered {response.status_code}")
+            raise BankUnavailable(f"GET /payments/{key} answered {response.status}")
         BANK_CALLS.labels("payment", "ok").inc()
         return BankPayment.from_json(response.json())
 
@@ -174,32 +174,32 @@ class BankClient:
         if since is not None:
             params["since"] = since
         response = await self._get("statement", "/statement", params)
-        if response.status_code != 200:
+        if response.status != 200:
             BANK_CALLS.labels("statement", "unavailable").inc()
-            raise BankUnavailable(f"GET /statement answered {response.status_code}")
+            raise BankUnavailable(f"GET /statement answered {response.status}")
         BANK_CALLS.labels("statement", "ok").inc()
         body = response.json()
         items = [BankPayment.from_json(item) for item in body["items"]]
         return items, body.get("next_cursor")
 
     async def _get(self, call: str, path: str, params: dict[str, str | int] | None = None,
-                   ) -> httpx.Response:  # fmt: skip
+                   ) -> Reply:  # fmt: skip
         started = time.perf_counter()
         try:
             return await self._http.get(path, params=params)
-        except httpx.HTTPError as exc:
+        except (HttpError, OSError, TimeoutError) as exc:
             BANK_CALLS.labels(call, "unavailable").inc()
             raise BankUnavailable(f"GET {path}: {exc.__class__.__name__}") from exc
         finally:
             BANK_DURATION.labels(call).observe(time.perf_counter() - started)
 
 
-def _result(response: httpx.Response) -> BankResult:
-    if response.status_code in (200, 201):
+def _result(response: Reply) -> BankResult:
+    if response.status in (200, 201):
         payment = BankPayment.from_json(response.json())
         if payment.status == "succeeded":
             return BankResult("succeeded", payment)
         return BankResult("failed", payment, payment.failure_reason or "bank_declined")
-    if response.status_code >= 500:
+    if response.status >= 500:
         return BankResult("unknown")
-    raise BankRejected(f"bank answered {response.status_code}: {response.text[:200]}")
+    raise BankRejected(f"bank answered {response.status}: {response.text[:200]}")

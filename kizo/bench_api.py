@@ -29,9 +29,9 @@ import asyncpg
 
 from infra.config import PoolsConfig
 from infra.db import create_pool
+from infra.http1 import HttpClient, HttpError, Reply
 from infra.system import System, scratch_system
 from kizo.bench_ledger import run_pgbench
-from kizo.httpload import HttpError, LoadClient, Reply
 
 PASSWORD = "bench-password-1"  # noqa: S105 (the bench users' own, made up)
 DEPOSIT = 1_000_000
@@ -123,7 +123,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-async def _signup(client: LoadClient, slots: asyncio.Semaphore) -> User:
+async def _signup(client: HttpClient, slots: asyncio.Semaphore) -> User:
     async with slots:
         email = f"bench-{uuid.uuid4().hex[:12]}@example.test"
         r = _ok(await client.post(
@@ -147,7 +147,7 @@ def _auth(user: User) -> dict[str, str]:
     return {"Authorization": f"Bearer {user.token}"}
 
 
-async def _transfer(client: LoadClient, users: Sequence[User], rng: random.Random) -> str:
+async def _transfer(client: HttpClient, users: Sequence[User], rng: random.Random) -> str:
     source, dest = rng.sample(users, 2)
     outcome, _ = await answer(
         client.post(
@@ -181,7 +181,7 @@ async def _wait_final(pool: asyncpg.Pool, started_wall: float) -> tuple[int, flo
 
 
 async def _throughput(
-    client: LoadClient, pool: asyncpg.Pool, users: Sequence[User], p: ApiBenchParams
+    client: HttpClient, pool: asyncpg.Pool, users: Sequence[User], p: ApiBenchParams
 ) -> dict[str, Any]:
     tally = Tally()
     rng = random.Random(p.seed)
@@ -212,7 +212,7 @@ async def _throughput(
 
 
 async def _flood_phase(
-    client: LoadClient, users: Sequence[User], p: ApiBenchParams
+    client: HttpClient, users: Sequence[User], p: ApiBenchParams
 ) -> dict[str, Any]:
     rng = random.Random(p.seed + 1)
     phase = {"name": "gap"}
@@ -302,7 +302,7 @@ def _ratio(flood_ms: Sequence[float], base_ms: Sequence[float]) -> float:
     return round(percentile(flood_ms, 0.99) / percentile(base_ms, 0.99), 2)
 
 
-async def _coalescing(client: LoadClient) -> float:
+async def _coalescing(client: HttpClient) -> float:
     """Intents per SAQ enqueue made by the API (its /metrics)."""
     text = (await client.get("/metrics")).body.decode()
     flushes = re.search(r"^kizo_api_enqueue_flushes_total ([0-9.e+]+)$", text, re.M)
@@ -316,7 +316,7 @@ async def _measure(system: System, p: ApiBenchParams) -> dict[str, Any]:
     pool = await create_pool(
         system.database_url, min_size=1, max_size=2, acquire_timeout_s=PoolsConfig.wait_s
     )
-    client = LoadClient(system.api_url, p.clients + p.flood + p.rate + 16, HTTP_TIMEOUT_S)
+    client = HttpClient(system.api_url, p.clients + p.flood + p.rate + 16, HTTP_TIMEOUT_S)
     try:
         slots = asyncio.Semaphore(SETUP_CONCURRENCY)
         users = await asyncio.gather(*(_signup(client, slots) for _ in range(p.users)))

@@ -35,9 +35,9 @@ import psutil
 
 from infra.config import PoolsConfig
 from infra.db import create_pool
+from infra.http1 import HttpClient, Reply
 from infra.system import System, scratch_system
 from kizo.bench_api import percentile
-from kizo.httpload import LoadClient, Reply
 
 LOADTESTS = Path(__file__).resolve().parents[1] / "loadtests"
 PASSWORD = "e2e-password-1"  # noqa: S105 (the bench users' own, made up)
@@ -124,7 +124,7 @@ async def _setup(system: System, p: E2eParams, tmp: Path) -> Setup:
     try:
         merchant, treasury = await user("merchant"), await user("treasury")
         users = await asyncio.gather(*(user(f"u{i}") for i in range(p.users)))
-        client = LoadClient(system.api_url, SETUP_CONCURRENCY + 2)
+        client = HttpClient(system.api_url, SETUP_CONCURRENCY + 2)
         try:
             await _fund(client, treasury.email, [u.account_id for u in users])
         finally:
@@ -137,7 +137,7 @@ async def _setup(system: System, p: E2eParams, tmp: Path) -> Setup:
     return Setup(str(merchant.account_id), emails, len(users))
 
 
-async def _fund(client: LoadClient, treasury: str, accounts: Sequence[Any]) -> None:
+async def _fund(client: HttpClient, treasury: str, accounts: Sequence[Any]) -> None:
     """The treasury deposits everyone's money, then pays each account its share."""
     r = _ok(await client.post("/api/v1/auth/signin", {"email": treasury, "password": PASSWORD}))
     auth = {"Authorization": f"Bearer {r.json()['access_token']}"}
@@ -648,7 +648,7 @@ BURST_BAR_S = 60.0
 
 
 async def _set_proxy(proxy_url: str, name: str, enabled: bool) -> None:
-    client = LoadClient(proxy_url, 1)
+    client = HttpClient(proxy_url, 1)
     try:
         r = await client.post(f"/proxies/{name}", {"enabled": enabled})
         if r.status != 200:
@@ -717,7 +717,7 @@ def redis_outage(system: System, setup: Setup, users: int, tmp: Path) -> dict[st
 async def burst(system: System, setup: Setup) -> dict[str, Any]:
     """``BURST_PAYMENTS`` transfers to the merchant, submitted as fast as ``BURST_CONNECTIONS``
     connections allow; the time until every one is final, from the first request."""
-    client = LoadClient(system.api_url, BURST_CONNECTIONS)
+    client = HttpClient(system.api_url, BURST_CONNECTIONS)
     emails = setup.emails_file.read_text().split()[:BURST_USERS]
     try:
         tokens = [_ok(await client.post("/api/v1/auth/signin", {"email": e,

@@ -91,8 +91,8 @@ def test_bench_api_compares_payment_latency_with_and_without_a_signin_flood() ->
 
 @pytest.mark.asyncio
 async def test_bench_api_counts_and_times_every_answer_errors_and_timeouts_included() -> None:
+    from infra.http1 import HttpClient
     from kizo.bench_api import Tally, answer
-    from kizo.httpload import LoadClient
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -105,8 +105,8 @@ async def test_bench_api_counts_and_times_every_answer_errors_and_timeouts_inclu
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    client = LoadClient(f"http://127.0.0.1:{port}", connections=8, timeout_s=0.5)
-    refused = LoadClient(f"http://127.0.0.1:{free_port()}", connections=1, timeout_s=0.5)
+    client = HttpClient(f"http://127.0.0.1:{port}", connections=8, timeout_s=0.5)
+    refused = HttpClient(f"http://127.0.0.1:{free_port()}", connections=1, timeout_s=0.5)
     tally = Tally()
     try:
         for path in ("/202", "/202", "/404", "/429", "/500", "/503", "/hang"):
