@@ -253,17 +253,19 @@ class Coalescer:
 
     @property
     def parked(self) -> int:
+        """Intents that a failed flush held and no flush has enqueued since (a flush in
+        progress still counts them)."""
         return len(self._parked)
 
     async def _flush(self, batch: list[tuple[Routed, asyncio.Future[None]]]) -> None:
-        items = [*self._parked, *(item for item, _ in batch)]
-        self._parked = []
+        items = [*self._parked, *(item for item, _ in batch)]  # only this task changes _parked
         error: BaseException | None = None
         try:
             if len(items) == 1:
                 await self.queues.enqueue(items)
             else:
                 await self.queues.enqueue_grouped(items, self.per_job_max)
+            self._parked = []
             self._retry_s = RETRY_FIRST_S
         except Exception as exc:  # handed to every caller of this batch, who decides
             error = exc

@@ -171,14 +171,22 @@ async def wait_final(pool: asyncpg.Pool, since: float) -> float:
     """Wait (bounded) until nothing created since ``since`` (epoch s) is pending; returns
     the seconds waited."""
     started = time.monotonic()
+    await _until_none_open(pool, ">=", since)
+    return time.monotonic() - started
+
+
+async def _until_none_open(pool: asyncpg.Pool, created: str, wall: float) -> None:
+    """Wait (bounded) until no transaction created ``created`` (">=" or "<") the epoch
+    second ``wall`` is pending or processing."""
+    assert created in (">=", "<")
+    started = time.monotonic()
     while await pool.fetchval(
-        "SELECT count(*) FROM transactions WHERE created_at >= to_timestamp($1)"
-        " AND status IN ('pending', 'processing')", since,
+        f"SELECT count(*) FROM transactions WHERE created_at {created} to_timestamp($1)"
+        " AND status IN ('pending', 'processing')", wall,
     ):  # fmt: skip
         if time.monotonic() - started > SETTLE_WAIT_S_MAX:
             break
         await asyncio.sleep(0.1)
-    return time.monotonic() - started
 
 
 # One profile
@@ -662,13 +670,7 @@ async def _drain_after(database_url: str, healed_wall: float) -> float:
     pool = await create_pool(database_url, min_size=1, max_size=1,
                              acquire_timeout_s=PoolsConfig.wait_s)  # fmt: skip
     try:
-        while await pool.fetchval(
-            "SELECT count(*) FROM transactions WHERE created_at < to_timestamp($1)"
-            " AND status IN ('pending', 'processing')", healed_wall,
-        ):  # fmt: skip
-            if time.time() - healed_wall > SETTLE_WAIT_S_MAX:
-                break
-            await asyncio.sleep(0.1)
+        await _until_none_open(pool, "<", healed_wall)
         return time.time() - healed_wall
     finally:
         await pool.close()

@@ -500,18 +500,24 @@ async def _rotations_reach_the_app(
     assert retired.status_code == 401  # two rotations later the first key is retired
 
 
-@pytest.mark.asyncio
-async def test_payment_is_accepted_while_redis_is_down(
-    client: Client, servers: ServerSet, db_url: str
-) -> None:
+async def pay_while_valkey_is_down(client: Client, servers: ServerSet, amount: int,
+                                   key: str) -> Any:  # fmt: skip
+    """A deposit by a new user, asked while the embedded Valkey is killed (restarted after)."""
     if servers.valkey is None:
         pytest.skip("needs the embedded Valkey to stop and start it")
     tokens = await _signup(client)
     servers.valkey.kill()
     try:
-        response = await _pay(client, tokens, "deposit", {"amount": 25}, "redis-down")
+        return await _pay(client, tokens, "deposit", {"amount": amount}, key)
     finally:
         servers.valkey.start()
+
+
+@pytest.mark.asyncio
+async def test_payment_is_accepted_while_redis_is_down(
+    client: Client, servers: ServerSet, db_url: str
+) -> None:
+    response = await pay_while_valkey_is_down(client, servers, 25, "redis-down")
     assert response.status_code == 202  # the intent row is the outbox
     assert (await response.get_json())["status"] == "pending"
     conn = await asyncpg.connect(db_url)

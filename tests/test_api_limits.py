@@ -19,7 +19,7 @@ from api.app import create_app
 from infra.config import Config, ConfigError, RateLimitConfig
 from infra.servers import free_port
 from tests.conftest import TEST_SECRETS, ServerSet, kizo_env, stop_process, unique_email, wait_http
-from tests.test_api import _pay, _signup
+from tests.test_api import pay_while_valkey_is_down
 
 
 @pytest_asyncio.fixture
@@ -191,13 +191,6 @@ async def test_answers_carry_the_limit_and_what_is_left_of_it(limited: Client) -
 async def test_without_redis_a_payment_is_still_accepted_unlimited(
     limited: Client, servers: ServerSet, db_url: str
 ) -> None:
-    if servers.valkey is None:
-        pytest.skip("needs the embedded Valkey to stop and start it")
-    tokens = await _signup(limited)
-    servers.valkey.kill()
-    try:
-        response = await _pay(limited, tokens, "deposit", {"amount": 26}, "limits-redis-down")
-    finally:
-        servers.valkey.start()
+    response = await pay_while_valkey_is_down(limited, servers, 26, "limits-redis-down")
     assert response.status_code == 202  # the limit failed open; the intent row is the outbox
     assert "RateLimit-Limit" not in response.headers

@@ -7,6 +7,8 @@ import contextlib
 import random
 import urllib.parse
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import httpx
@@ -151,10 +153,7 @@ async def test_coalescer_groups_concurrent_enqueues_and_every_intent_settles_onc
     rows = await pool.fetch(
         "SELECT id, source_id FROM transactions WHERE id = ANY($1::uuid[])", ids
     )
-    redis = Redis.from_url(servers.redis_url, socket_timeout=5)
-    coalescer = Coalescer(QueueSet(redis, SHARDS, ENQUEUE_CONCURRENCY))
-    flusher = asyncio.create_task(coalescer.run())
-    try:
+    async with running_coalescer(servers.redis_url, socket_timeout=5) as (coalescer, _):
         # One task per intent, as one API request each; a lone one first (a plain job).
         await coalescer.enqueue(Routed(rows[0]["id"], rows[0]["source_id"]))
         assert (coalescer.flushes, coalescer.intents) == (1, 1)
@@ -163,39 +162,21 @@ async def test_coalescer_groups_concurrent_enqueues_and_every_intent_settles_onc
         )
         assert coalescer.intents == len(rows)
         assert coalescer.flushes <= len(rows) // 10  # concurrent requests shared flushes
-        worker = start_worker(servers, db_url, bank_url)
-        try:
-            await wait_final(pool, ids)
-        finally:
-            assert stop_worker(worker) == 0
-    finally:
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
-        await redis.aclose()
-    await _exactly_once(pool)
+        await _settle_with_a_worker(servers, db_url, bank_url, pool, ids)
 
 
 @pytest.mark.asyncio
 async def test_coalescer_hands_a_redis_failure_to_every_caller_of_the_flush() -> None:
     # A Redis nobody listens on: every caller sees the error (the API then counts the intent
     # as left to the outbox relay); the flusher itself keeps running.
-    redis = Redis.from_url(f"redis://127.0.0.1:{free_port()}", socket_timeout=1,
-                           socket_connect_timeout=1)  # fmt: skip
-    coalescer = Coalescer(QueueSet(redis, SHARDS, ENQUEUE_CONCURRENCY))
-    flusher = asyncio.create_task(coalescer.run())
-    try:
+    async with running_coalescer(f"redis://127.0.0.1:{free_port()}", socket_timeout=1,
+                                 socket_connect_timeout=1) as (coalescer, flusher):  # fmt: skip
         items = [Routed(uuid.uuid4(), uuid.uuid4()) for _ in range(20)]
         results = await asyncio.gather(
             *(coalescer.enqueue(i) for i in items), return_exceptions=True
         )
         assert all(isinstance(r, OSError | RedisError) for r in results), results
         assert not flusher.done()
-    finally:
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
-        await redis.aclose()
 
 
 class TcpRelay:
@@ -249,32 +230,53 @@ async def test_coalescer_parks_what_redis_refused_and_enqueues_it_once_redis_is_
                             ids)  # fmt: skip
     relay = TcpRelay(servers.redis_url)
     await relay.start()
-    redis = Redis.from_url(relay.url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        async with running_coalescer(relay.url, socket_timeout=1,
+                                     socket_connect_timeout=1) as (coalescer, _):  # fmt: skip
+            await _park_then_enqueue(coalescer, relay, rows)
+    finally:
+        await relay.stop()
+    await _settle_with_a_worker(servers, db_url, bank_url, pool, ids)
+
+
+async def _park_then_enqueue(coalescer: Coalescer, relay: TcpRelay,
+                             rows: list[asyncpg.Record]) -> None:  # fmt: skip
+    relay.refuse = True
+    results = await asyncio.gather(
+        *(coalescer.enqueue(Routed(r["id"], r["source_id"])) for r in rows),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, OSError | RedisError) for r in results), results
+    assert coalescer.parked == len(rows)
+    relay.refuse = False
+    for _ in range(100):  # bounded: the retry timer is at most 2 s
+        if coalescer.parked == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert coalescer.parked == 0
+
+
+@contextlib.asynccontextmanager
+async def running_coalescer(redis_url: str, **options: Any
+                            ) -> AsyncIterator[tuple[Coalescer, asyncio.Task[None]]]:  # fmt: skip
+    """A coalescer and its flusher task on a Redis client of its own; all three end after."""
+    redis = Redis.from_url(redis_url, **options)
     coalescer = Coalescer(QueueSet(redis, SHARDS, ENQUEUE_CONCURRENCY))
     flusher = asyncio.create_task(coalescer.run())
     try:
-        relay.refuse = True
-        results = await asyncio.gather(
-            *(coalescer.enqueue(Routed(r["id"], r["source_id"])) for r in rows),
-            return_exceptions=True,
-        )
-        assert all(isinstance(r, OSError | RedisError) for r in results), results
-        assert coalescer.parked == len(rows)
-        relay.refuse = False
-        for _ in range(100):  # bounded: the retry timer is at most 2 s
-            if coalescer.parked == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert coalescer.parked == 0
-        worker = start_worker(servers, db_url, bank_url)
-        try:
-            await wait_final(pool, ids)
-        finally:
-            assert stop_worker(worker) == 0
+        yield coalescer, flusher
     finally:
         flusher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await flusher
         await redis.aclose()
-        await relay.stop()
+
+
+async def _settle_with_a_worker(servers: ServerSet, db_url: str, bank_url: str,
+                                pool: asyncpg.Pool, ids: list[uuid.UUID]) -> None:  # fmt: skip
+    worker = start_worker(servers, db_url, bank_url)
+    try:
+        await wait_final(pool, ids)
+    finally:
+        assert stop_worker(worker) == 0
     await _exactly_once(pool)
