@@ -81,8 +81,8 @@ def draw(journal: Mapping[str, Any], path: Path) -> None:
         if ax.get_yscale() == "linear":
             ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))  # all zero: 0..1, not matplotlib's ±0.05
         ax.legend(loc="center right" if ax is top else "best", fontsize=8, framealpha=0.8)
-    top.set_xlim(0, max(t[-1] + series["interval_s"] if t else 1.0,
-                        *samples["t_s"][-1:]))  # fmt: skip
+    # A run may end with no sample at all (the sampler never got an answer): still a chart.
+    top.set_xlim(0, max([t[-1] + series["interval_s"] if t else 1.0, *samples["t_s"][-1:]]))
     fig.suptitle(_title(journal), fontsize=12, fontweight="bold")
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -282,3 +282,16 @@ def test_a_system_not_in_steady_state_runs_no_method_and_fails(tmp_path: Path) -
         "deviates after the run: five flagged: needs_attention = 0, expected == 5",
     ]
     assert failed(report)
+
+
+def test_a_run_that_killed_a_worker_is_checked_after_its_jobs_came_back() -> None:
+    from actors.routing import JOB_TIMEOUT_S
+    from actors.worker import SWEEP_INTERVAL_S
+    from chaos.cli import DEAD_WORKER_JOBS_REDONE_S, _jobs_redone_at
+
+    assert DEAD_WORKER_JOBS_REDONE_S > JOB_TIMEOUT_S + SWEEP_INTERVAL_S
+    applied = [{"actual_s": 1.0, "step": "kill worker-0", "status": "killed"},
+               {"actual_s": 2.5, "step": "restart worker-0", "status": "running"},
+               {"actual_s": 3.0, "step": "kill api", "status": "killed"}]  # fmt: skip
+    assert _jobs_redone_at(applied) == 1.0 + DEAD_WORKER_JOBS_REDONE_S
+    assert _jobs_redone_at(applied[2:]) is None
