@@ -305,7 +305,7 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
 # JOB_TIMEOUT_S, 15 s); a live worker's sweep (actors.worker SWEEP_INTERVAL_S, 5 s) then runs
 # them again. A run that killed a worker is checked only after that, plus a margin: a check
 # taken sooner could pass a build whose re-run jobs move money again (final_state_guard_off).
-# tests/test_chaos_scenarios.py holds these equal to the worker's own figures.
+# tests/test_chaos_scenarios.py keeps it above the worker's own two figures.
 DEAD_WORKER_JOBS_REDONE_S = 15 + 5 + 2
 
 
