@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from actors._metrics import BANK_CALLS, BANK_DURATION
-from infra.http1 import HttpClient, HttpError, NotConnected, Reply
+from infra.http1 import REQUEST_FAILED, HttpClient, NotConnected, Reply
 
 Outcome = Literal["succeeded", "failed", "unknown", "unsent"]
 STATEMENT_PAGE_MAX = 1000
@@ -137,7 +137,7 @@ class BankClient:
             except NotConnected:
                 # No connection, so no request: nothing can have moved (a retry is harmless).
                 return BankResult("unsent")
-            except (HttpError, OSError, TimeoutError):
+            except REQUEST_FAILED:
                 # The request may have been processed: only the bank's record can tell.
                 return BankResult(self._lost)
             if response.status == 503 and attempt < self.retries_max:
@@ -151,7 +151,7 @@ class BankClient:
         """The bank answers its health check (200) within the client's timeout."""
         try:
             return (await self._http.get("/health")).status == 200
-        except (HttpError, OSError, TimeoutError):
+        except REQUEST_FAILED:
             return False
 
     async def get_payment(self, key: uuid.UUID) -> BankPayment | None:
@@ -187,7 +187,7 @@ class BankClient:
         started = time.perf_counter()
         try:
             return await self._http.get(path, params=params)
-        except (HttpError, OSError, TimeoutError) as exc:
+        except REQUEST_FAILED as exc:
             BANK_CALLS.labels(call, "unavailable").inc()
             raise BankUnavailable(f"GET {path}: {exc.__class__.__name__}") from exc
         finally:

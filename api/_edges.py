@@ -11,6 +11,7 @@ import redis.exceptions
 import structlog
 from quart import Quart, Response, g, request
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
 from api._metrics import RATE_LIMIT_UNAVAILABLE, RATE_LIMITED, route
 from api._problems import Problem
@@ -19,9 +20,11 @@ from infra.config import PoolsConfig, RateLimitConfig
 from infra.db import redis_client
 
 log = structlog.get_logger("kizo.api")
-# A lost or refused connection to Redis, or a command past its timeout.
-BACKEND_LOST = (OSError, TimeoutError, redis.exceptions.ConnectionError,
-                redis.exceptions.TimeoutError)  # fmt: skip
+# A lost or refused connection to Redis, or a command past its timeout (api.app's
+# BACKEND_LOST adds PostgreSQL's).
+REDIS_LOST: tuple[type[Exception], ...] = (OSError, TimeoutError,
+                                           redis.exceptions.ConnectionError,
+                                           redis.exceptions.TimeoutError)  # fmt: skip
 
 MINUTE_S = 60
 CORS_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"
@@ -82,7 +85,7 @@ class Limiter:
         self._url, self._pools, self._default = redis_url, pools, default
         self._by_endpoint: dict[str, list[Limit]] = {}
         self._redis: Redis | None = None
-        self._script: object = None
+        self._script: AsyncScript | None = None
 
     def limit(self, endpoint: str, *limits: Limit) -> None:
         self._by_endpoint[endpoint] = [*limits]
@@ -120,8 +123,8 @@ class Limiter:
                 for lim in limits]  # fmt: skip
         args = [v for lim in limits for v in (lim.period_s * 1_000_000, lim.interval_us)]
         try:
-            answer = await self._script(keys, args)  # type: ignore[operator]
-        except BACKEND_LOST as exc:  # open, not closed: see below
+            answer = await self._script(keys, args)
+        except REDIS_LOST as exc:  # open, not closed: see below
             RATE_LIMIT_UNAVAILABLE.inc()
             log.warning("rate_limit_unavailable", error=repr(exc))
             return

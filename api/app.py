@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import asyncpg
-import redis.exceptions
 import structlog
 from quart import Quart, Response, g, request
 
@@ -18,7 +17,7 @@ from actors import Coalescer, QueueSet
 from api import _metrics as metrics
 from api import _service as svc
 from api._auth import Passwords, RefreshTokens, ensure_key, require_secrets
-from api._edges import cors, install, ip_key, trust_forwarded
+from api._edges import REDIS_LOST, cors, install, ip_key, trust_forwarded
 from api._hashing import HashingUnavailable
 from api._http import BODY_MAX_BYTES, VISIBLE_ASCII, keyring
 from api._problems import Problem, from_ledger
@@ -33,8 +32,7 @@ __all__ = ["BACKEND_LOST", "BODY_MAX_BYTES", "create_app"]
 log = structlog.get_logger("kizo.api")
 # A lost or refused connection to PostgreSQL or Redis, or a query past its timeout.
 BACKEND_LOST: tuple[type[Exception], ...] = (
-    OSError,
-    TimeoutError,
+    *REDIS_LOST,
     asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
@@ -44,8 +42,6 @@ BACKEND_LOST: tuple[type[Exception], ...] = (
     # the commit may or may not have landed, so it is a 503 to retry, not a 500 "nothing
     # changed". Found by the pg-crash chaos scenario.
     asyncpg.InternalClientError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
 )
 REQUEST_ID_MAX = 64
 # A request's Redis command (an enqueue, a refresh token) fails after this: the API answers

@@ -37,6 +37,10 @@ class NotConnected(HttpError):
     """No connection could be opened (refused, unreachable, timed out): nothing was sent."""
 
 
+# Whatever a request can fail with short of an answer (NotConnected included).
+REQUEST_FAILED: tuple[type[Exception], ...] = (HttpError, OSError, TimeoutError)
+
+
 @dataclass(frozen=True)
 class Reply:
     status: int

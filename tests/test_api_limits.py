@@ -9,6 +9,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -35,16 +36,21 @@ async def limited(servers: ServerSet, db_url: str, redis_client: object) -> Asyn
         yield test_app.test_client()
 
 
+async def _wrong_signins(client: Client, count: int) -> list[Any]:
+    """``count`` sign-ins with a wrong password for one new email, one after the other."""
+    email = unique_email()
+    return [
+        await client.post("/api/v1/auth/signin",
+                          json={"email": email, "password": "wrong password"})
+        for _ in range(count)
+    ]  # fmt: skip
+
+
 @pytest.mark.asyncio
 async def test_signin_per_email_limit_answers_429_problem(limited: Client) -> None:
-    email = unique_email()
-    codes = []
-    for _ in range(4):
-        response = await limited.post(
-            "/api/v1/auth/signin", json={"email": email, "password": "wrong password"}
-        )
-        codes.append(response.status_code)
-    assert codes == [401, 401, 401, 429]
+    answers = await _wrong_signins(limited, 4)
+    assert [a.status_code for a in answers] == [401, 401, 401, 429]
+    response = answers[-1]
     assert response.headers["content-type"] == "application/problem+json"
     assert int(response.headers["Retry-After"]) > 0
 
@@ -173,12 +179,8 @@ async def test_a_limit_admits_exactly_its_count_under_concurrent_requests(
 
 @pytest.mark.asyncio
 async def test_answers_carry_the_limit_and_what_is_left_of_it(limited: Client) -> None:
-    email = unique_email()
     left = []
-    for _ in range(3):
-        response = await limited.post(
-            "/api/v1/auth/signin", json={"email": email, "password": "wrong password"}
-        )
+    for response in await _wrong_signins(limited, 3):
         assert response.headers["RateLimit-Limit"] == "30"  # the first limit: per IP
         left.append(int(response.headers["RateLimit-Remaining"]))
         assert 0 <= int(response.headers["RateLimit-Reset"]) <= 60
