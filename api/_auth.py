@@ -41,6 +41,11 @@ from infra.config import DEV_PEPPER, PEPPER_CHARS_MIN, AuthConfig, ConfigError
 
 JWT_ALGORITHM = "HS256"
 VERIFYING_KEYS = 2
+# Who made an access token and for whom: a token the ring signs for any other purpose, or one
+# minted by another system that shares a secret, names another and is refused (RFC 8725 3.9).
+ACCESS_ISSUER = "kizo"
+ACCESS_AUDIENCE = "kizo-api"
+_ACCESS_CLAIMS = ["exp", "iat", "sub", "iss", "aud"]  # a token without one of them is refused
 # The first estimate of one exchange, until a hash has been timed; and the weight of each new
 # timing in the moving average (about the last ten hashes count).
 HASH_S_GUESS = 0.1
@@ -253,7 +258,8 @@ class KeyRing:
     def sign(self, claims: Claims, ttl_s: int) -> str:
         kid, secret = self.keys[0]
         now = int(time.time())
-        payload = {"sub": str(claims.user_id), "role": claims.role, "iat": now, "exp": now + ttl_s}
+        payload = {"iss": ACCESS_ISSUER, "aud": ACCESS_AUDIENCE, "sub": str(claims.user_id),
+                   "role": claims.role, "iat": now, "exp": now + ttl_s}  # fmt: skip
         return jwt.encode(payload, secret, algorithm=JWT_ALGORITHM, headers={"kid": kid})
 
     def verify(self, token: str) -> Claims:
@@ -264,8 +270,11 @@ class KeyRing:
             secret = dict(self.keys).get(kid) if isinstance(kid, str) else None
             if secret is None:
                 raise unauthorized
+            # No leeway: one clock (NTP) serves every API process, and a leeway only lengthens
+            # the life of a stolen token; iat and nbf in the future are refused as well.
             payload = jwt.decode(token, secret, algorithms=[JWT_ALGORITHM],
-                                 options={"require": ["exp", "iat", "sub"]})  # fmt: skip
+                                 audience=ACCESS_AUDIENCE, issuer=ACCESS_ISSUER,
+                                 options={"require": _ACCESS_CLAIMS})  # fmt: skip
             return Claims(uuid.UUID(payload["sub"]), str(payload.get("role", "user")))
         except (jwt.PyJWTError, ValueError, KeyError):
             raise unauthorized from None

@@ -89,7 +89,11 @@ async def _user(user_id: uuid.UUID) -> svc.User:
     cached = _USERS.get(user_id)
     if cached is not None and now - cached[0] < s.config.auth.user_cache_s:
         return cached[1]
-    user = await svc.get_user(s.pool, user_id)
+    try:
+        user = await svc.get_user(s.pool, user_id)
+    except Problem as gone:  # RFC 6750 3: every 401 to a bearer token names the scheme
+        gone.headers.setdefault("WWW-Authenticate", "Bearer")
+        raise
     if len(_USERS) >= USERS_CACHED_MAX:
         _USERS.clear()
     _USERS[user_id] = (now, user)
