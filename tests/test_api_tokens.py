@@ -75,9 +75,15 @@ async def world(servers: ServerSet, db_url: str, redis_client: Redis) -> AsyncIt
         issued = user["access_token"]
         conn = await asyncpg.connect(db_url)
         try:
-            yield World(client, conn, redis_client, config.auth.keyring_key, user,
-                        jwt.get_unverified_header(issued),
-                        jwt.decode(issued, options={"verify_signature": False}))  # fmt: skip
+            yield World(
+                client,
+                conn,
+                redis_client,
+                config.auth.keyring_key,
+                user,
+                jwt.get_unverified_header(issued),
+                jwt.decode(issued, options={"verify_signature": False}),
+            )
         finally:
             await conn.close()
 
@@ -108,8 +114,9 @@ async def refused(world: World, token: str) -> None:
     auth = {"Authorization": f"Bearer {token}"}
     me = await world.client.get(ME, headers=auth)
     before = await snapshot(world.conn, world.redis)
-    paid = await world.client.post(DEPOSIT, json={"amount": 7},
-                                   headers=auth | {"Idempotency-Key": f"k-{uuid.uuid4()}"})  # fmt: skip
+    paid = await world.client.post(
+        DEPOSIT, json={"amount": 7}, headers=auth | {"Idempotency-Key": f"k-{uuid.uuid4()}"}
+    )
     for answer in (me, paid):
         assert answer.status_code == 401, await answer.get_data()
         assert answer.headers["Content-Type"] == "application/problem+json"
@@ -123,8 +130,9 @@ async def accepted(world: World, token: str) -> None:
     me = await world.client.get(ME, headers=auth)
     assert me.status_code == 200, await me.get_data()
     assert (await me.get_json())["account_id"] == world.user["user"]["account_id"]
-    paid = await world.client.post(DEPOSIT, json={"amount": 7},
-                                   headers=auth | {"Idempotency-Key": f"k-{uuid.uuid4()}"})  # fmt: skip
+    paid = await world.client.post(
+        DEPOSIT, json={"amount": 7}, headers=auth | {"Idempotency-Key": f"k-{uuid.uuid4()}"}
+    )
     assert paid.status_code == 202, await paid.get_data()
 
 
@@ -143,16 +151,22 @@ def _now() -> int:
     return int(time.time())
 
 
+def _expired(ago_s: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A token of the usual lifetime whose exp was ``ago_s`` seconds ago."""
+    return lambda c: {**c, "iat": _now() - ago_s - (c["exp"] - c["iat"]), "exp": _now() - ago_s}
+
+
+def _issued_in_the_future(c: dict[str, Any]) -> dict[str, Any]:
+    return {**c, "iat": _now() + FUTURE_S, "exp": _now() + FUTURE_S + c["exp"] - c["iat"]}
+
+
 REFUSED: dict[str, Mint] = {
     # Time: no leeway (docs/api.md), so a second past exp is too late.
-    "expired by 1 s": _signed(lambda c: {**c, "iat": _now() - c["exp"] + c["iat"] - 1,
-                                         "exp": _now() - 1}),  # fmt: skip
-    "expired by 1 day": _signed(lambda c: {**c, "iat": _now() - DAY_S - 900,
-                                           "exp": _now() - DAY_S}),  # fmt: skip
+    "expired by 1 s": _signed(_expired(1)),
+    "expired by 1 day": _signed(_expired(DAY_S)),
     "expiring right now": _signed(lambda c: {**c, "exp": _now()}),
     "not before a future time": _signed(lambda c: {**c, "nbf": _now() + FUTURE_S}),
-    "issued in the future": _signed(lambda c: {**c, "iat": _now() + FUTURE_S,
-                                               "exp": _now() + FUTURE_S + 900}),  # fmt: skip
+    "issued in the future": _signed(_issued_in_the_future),
     "exp not a number": _signed(lambda c: {**c, "exp": "tomorrow"}),
     # Whom it is for and who made it.
     "another audience": _signed(lambda c: {**c, "aud": "kizo-bank"}),
@@ -173,8 +187,10 @@ REFUSED: dict[str, Mint] = {
         c, secrets.token_urlsafe(48), algorithm="HS256", headers={"kid": h["kid"]}
     ),
     "no kid": lambda h, c, s: jwt.encode(c, s, algorithm="HS256"),
-    "alg none": lambda h, c, s: f"{_b64(json.dumps({'alg': 'none', 'kid': h['kid']}).encode())}"
-    f".{_b64(json.dumps(c).encode())}.",
+    "alg none": lambda h, c, s: (
+        f"{_b64(json.dumps({'alg': 'none', 'kid': h['kid']}).encode())}"
+        f".{_b64(json.dumps(c).encode())}."
+    ),
     "HS512 with the ring's key": lambda h, c, s: jwt.encode(
         c, s, algorithm="HS512", headers={"kid": h["kid"]}
     ),
@@ -209,8 +225,9 @@ async def test_the_server_issues_short_lived_tokens_for_itself(world: World) -> 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("case", list(REFUSED))
-async def test_a_genuinely_signed_token_with_a_bad_claim_is_refused(world: World,
-                                                                    case: str) -> None:  # fmt: skip
+async def test_a_genuinely_signed_token_with_a_bad_claim_is_refused(
+    world: World, case: str
+) -> None:
     ring = await world.ring()
     token = REFUSED[case](world.header, fresh(world.claims), ring.keys[0][1])
     await refused(world, token)
@@ -260,10 +277,10 @@ async def test_only_the_newest_two_keys_verify(world: World) -> None:
     assert oldest not in (newest, previous)
     claims = fresh(world.claims)
     for kid, secret in (newest, previous):
-        await accepted(world, jwt.encode(claims, secret, algorithm="HS256",
-                                         headers={"kid": kid}))  # fmt: skip
-    await refused(world, jwt.encode(claims, oldest[1], algorithm="HS256",
-                                    headers={"kid": oldest[0]}))  # fmt: skip
+        await accepted(world, jwt.encode(claims, secret, algorithm="HS256", headers={"kid": kid}))
+    await refused(
+        world, jwt.encode(claims, oldest[1], algorithm="HS256", headers={"kid": oldest[0]})
+    )
     await refused(world, world.user["access_token"])  # the server's own, signed by that key
 
 
