@@ -270,8 +270,8 @@ class KeyRing:
             secret = dict(self.keys).get(kid) if isinstance(kid, str) else None
             if secret is None:
                 raise unauthorized
-            # No leeway: one clock (NTP) serves every API process, and a leeway only lengthens
-            # the life of a stolen token; iat and nbf in the future are refused as well.
+            # No leeway: it would only lengthen a stolen token's life. iat and nbf in the future
+            # are refused too, so API hosts keep their clocks in step (NTP; docs/api.md).
             payload = jwt.decode(token, secret, algorithms=[JWT_ALGORITHM],
                                  audience=ACCESS_AUDIENCE, issuer=ACCESS_ISSUER,
                                  options={"require": _ACCESS_CLAIMS})  # fmt: skip
