@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
@@ -167,3 +168,67 @@ async def test_bank_drops_payout_answers_no_double_payout(
         "SELECT b.posted, b.pending FROM balances b WHERE account_id = ANY($1::uuid[])", users
     )
     assert {(r["posted"], r["pending"]) for r in rows} == {(9_000, 0)}
+
+
+# A statement of the batch fails after the batch began (its intents and balances locked): every
+# insert into postings is refused. NOT VALID: the rows already there are not checked.
+BATCH_FAULT_ON = "ALTER TABLE postings ADD CONSTRAINT injected_fault CHECK (false) NOT VALID"
+BATCH_FAULT_OFF = "ALTER TABLE postings DROP CONSTRAINT injected_fault"
+JOBS_POLL_S = 0.1
+JOBS_RETRIED_S_MAX = 30.0
+
+
+async def _jobs_while_batches_fail(
+    pool: asyncpg.Pool, queues: QueueSet, jobs: dict[str, uuid.UUID]
+) -> set[str]:
+    """Polls (bounded) until every job has failed or been retried; at every look no job may be
+    complete, since the fault leaves every intent pending. The statuses seen."""
+    seen: set[str] = set()
+    deadline = asyncio.get_running_loop().time() + JOBS_RETRIED_S_MAX
+    while True:
+        found = [await queues.for_account(account).job(key) for key, account in jobs.items()]
+        pending = await pool.fetchval(
+            "SELECT count(*) FROM transactions WHERE id = ANY($1::uuid[]) AND status = 'pending'",
+            [uuid.UUID(key) for key in jobs],
+        )
+        assert pending == len(jobs), "a transfer settled although every posting write fails"
+        statuses = [job.status.value if job is not None else "gone" for job in found]
+        seen.update(statuses)
+        done = [k for k, s in zip(jobs, statuses, strict=True) if s in ("complete", "gone")]
+        assert not done, f"{len(done)} jobs reported done while their intents are pending"
+        if all(j is not None and (j.status.value == "failed" or j.attempts >= 2) for j in found):
+            return seen
+        assert asyncio.get_running_loop().time() < deadline, f"jobs never retried: {seen}"
+        await asyncio.sleep(JOBS_POLL_S)
+
+
+@pytest.mark.asyncio
+async def test_a_batch_whose_statement_fails_leaves_its_jobs_retried_or_failed_never_done(
+    servers: ServerSet, db_url: str, deps: JanitorDeps, own_bank: BankProcess
+) -> None:
+    rng = random.Random(7)
+    users = await bank_funded(deps.pool, deps.bank, [10_000] * 6)
+    pairs = [rng.sample(users, 2) for _ in range(40)]
+    ids = await intents(
+        deps.pool, [NewIntent("transfer", a, b, rng.randint(1, 50)) for a, b in pairs]
+    )
+    jobs = {str(t): a for t, (a, _b) in zip(ids, pairs, strict=True)}  # transfers: the source's
+    await deps.pool.execute(BATCH_FAULT_ON)
+    worker = start_worker(servers, db_url, own_bank.url)
+    try:
+        await enqueue(deps.pool, servers.redis_url, ids)
+        seen = await _jobs_while_batches_fail(deps.pool, deps.queues, jobs)
+        assert seen <= {"queued", "active", "failed"}, seen
+        await deps.pool.execute(BATCH_FAULT_OFF)
+        # Jobs that ran out of retries are the janitor's to re-drive; the ledger applies once.
+        await with_janitor(deps, wait_final(deps.pool, ids, timeout_s=60))
+    finally:
+        stop_worker(worker)
+    await _assert_clean(deps, ids)
+    settled, postings = await deps.pool.fetchrow(
+        "SELECT count(*) FILTER (WHERE t.status = 'settled'),"
+        " (SELECT count(*) FROM postings p WHERE p.transaction_id = ANY($1::uuid[]))"
+        " FROM transactions t WHERE t.id = ANY($1::uuid[])",
+        ids,
+    )
+    assert (settled, postings) == (len(ids), 2 * len(ids))  # each moved once
