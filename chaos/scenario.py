@@ -107,6 +107,8 @@ CONFIGURATION = {
     "redrive_backoff_base_s": ("KIZO_REDRIVE_BACKOFF_BASE_S", False, 600),
     "redrive_backoff_max_s": ("KIZO_REDRIVE_BACKOFF_MAX_S", False, 3600),
     "rearm_max": ("KIZO_REARM_MAX", True, 1000),
+    # Short-lived access tokens: the workload's clients meet 401s mid-run and refresh.
+    "access_ttl_s": ("KIZO_ACCESS_TTL_S", True, 86_400),
 }
 TOP_KEYS = frozenset({"title", "description", "tolerated", "workload", "configuration",
                       "steady-state-hypothesis", "method", "rollbacks"})  # fmt: skip
