@@ -43,7 +43,8 @@ docs/chaos.md "Writing a scenario" explains every key with one annotated file:
     action = "enable"          # (no at_s); heal always runs after them
     proxy = "bank"
 
-``bank_faults`` takes ``faults = { error_rate = 0.1, drop_rate = 0.2, latency_ms = 20 }``;
+``bank_faults`` takes ``faults = { error_rate = 0.1, drop_rate = 0.2, lose_rate = 0.1,
+latency_ms = 20 }`` (lose: the request read, then lost before the bank acts);
 ``remove_toxic`` takes ``name``; ``probe`` takes ``probe = { name, provider, tolerance,
 arguments }`` and fails the run when the value is out of tolerance (a fault that did not do what
 it was meant to do tested nothing); ``heal`` starts killed processes again, resets the proxy and
