@@ -121,6 +121,7 @@ class ProxySpec:
     enabled: bool = True
 
 
+
 def parse_address(address: str, what: str) -> tuple[str, int]:
     """ "host:port" (IPv6 in brackets) -> (host, port); port 0 means any free port."""
     host, sep, port = address.rpartition(":")
@@ -170,7 +171,8 @@ _CONTEXT = {
     "Expecting value": "looking for beginning of value",
     "Expecting ':' delimiter": "after object key",
     "Expecting ',' delimiter": "after object key:value pair",
-    "Expecting property name enclosed in double quotes": "looking for beginning of object key string",
+    "Expecting property name enclosed in double quotes":
+        "looking for beginning of object key string",
 }
 
 
@@ -361,12 +363,8 @@ def updated_toxic(toxic: Toxic, body: object) -> Toxic:
                                    '"json:\\"attributes\\""; Toxicity float32 '
                                    '"json:\\"toxicity\\"" }'))  # fmt: skip
     attributes, error = _attribute_values(toxic.type, _field(body, "attributes"), "attributes")
-    values, toxicity_error = fields(
-        {k: v for k, v in (body or {}).items() if k.lower() == "toxicity"},
-        "",
-        "",
-        {"toxicity": "float32"},
-    )
+    values, toxicity_error = fields({k: v for k, v in (body or {}).items()
+                                     if k.lower() == "toxicity"}, "", "", {"toxicity": "float32"})
     if error is not None or toxicity_error is not None:
         raise bad_body(error or toxicity_error or "")
     return dataclasses.replace(
@@ -375,3 +373,4 @@ def updated_toxic(toxic: Toxic, body: object) -> Toxic:
         attributes={**toxic.attributes, **attributes},
         version=toxic.version + 1,
     )
+
