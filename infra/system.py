@@ -259,11 +259,14 @@ def _through_proxies(config: Config) -> dict[str, dict[str, str]]:
     processes through its own links, so that a scenario can cut or slow exactly one role's way
     to one service (the janitor from the bank, the workers from PostgreSQL) and leave the rest."""
     host, upstreams = config.host, config.proxied_services()
-    listen = {link: free_port() for link in LINKS}
-    body = [{"name": link, "listen": f"{host}:{listen[link]}", "upstream": upstreams[service]}
+    # Port 0: the proxy binds each link itself, so no port is picked free here and bound
+    # later (the servers' ports are chosen but not all bound yet: a pick could take one).
+    body = [{"name": link, "listen": f"{host}:0", "upstream": upstreams[service]}
             for link, (service, _role) in LINKS.items()]  # fmt: skip
     api = f"http://{host}:{config.proxy_api_port}"
     httpx.post(f"{api}/populate", json=body, timeout=10).raise_for_status()
+    made = httpx.get(f"{api}/proxies", timeout=10).raise_for_status().json()
+    listen = {link: int(made[link]["listen"].rsplit(":", 1)[1]) for link in LINKS}
     urls = {
         "postgres": lambda port: f"postgresql://postgres@{host}:{port}/kizo",
         "redis": lambda port: f"redis://{host}:{port}/0",

@@ -218,7 +218,9 @@ async def test_a_batch_whose_statement_fails_leaves_its_jobs_retried_or_failed_n
     try:
         await enqueue(deps.pool, servers.redis_url, ids)
         seen = await _jobs_while_batches_fail(deps.pool, deps.queues, jobs)
-        assert seen <= {"queued", "active", "failed"}, seen
+        # Anything but done: waiting for a retry, running, out of retries, or being aborted by
+        # SAQ (a job past its timeout on a loaded machine).
+        assert seen <= {"queued", "active", "failed", "aborting", "aborted"}, seen
         await deps.pool.execute(BATCH_FAULT_OFF)
         # Jobs that ran out of retries are the janitor's to re-drive; the ledger applies once.
         await with_janitor(deps, wait_final(deps.pool, ids, timeout_s=60))
