@@ -19,7 +19,7 @@ import pytest_asyncio
 import redis.exceptions
 from redis.asyncio import Redis
 
-from actors.janitor import JanitorDeps
+from actors.janitor import JanitorDeps, run_pass
 from actors.routing import QueueSet
 from engine import BANK_SETTLEMENT, NewIntent, system_account
 from infra.config import PipelineConfig
@@ -168,6 +168,43 @@ async def test_bank_drops_payout_answers_no_double_payout(
         "SELECT b.posted, b.pending FROM balances b WHERE account_id = ANY($1::uuid[])", users
     )
     assert {(r["posted"], r["pending"]) for r in rows} == {(9_000, 0)}
+
+
+@pytest.mark.asyncio
+async def test_deposits_whose_requests_the_bank_lost_are_never_credited_until_it_collects(
+    servers: ServerSet, db_url: str, deps: JanitorDeps, own_bank: BankProcess
+) -> None:
+    users = await bank_funded(deps.pool, deps.bank, [0] * 4)
+    bank_account = await system_account(deps.pool, BANK_SETTLEMENT)
+    async with httpx.AsyncClient(base_url=own_bank.url, timeout=5) as client:
+        # Every request read and lost unprocessed: to the worker, the same "no answer" as a
+        # dropped one.
+        await client.put("/admin/faults", json={"lose_rate": 1.0, "seed": 4})
+        ids = await intents(deps.pool, [NewIntent("deposit", bank_account, u, 700) for u in users])
+        worker = start_worker(servers, db_url, own_bank.url, KIZO_BANK_TIMEOUT_S="0.5")
+        try:
+            await enqueue(deps.pool, servers.redis_url, ids)
+            counts = await wait_final(deps.pool, ids, timeout_s=30, final=("processing",))
+            assert counts == {"processing": len(ids)}  # unknown: not credited, not failed
+            # The janitor asks by key (404: never collected) and re-issues, lost again: still
+            # nothing credited.
+            await run_pass(deps)
+            assert await wait_final(deps.pool, ids, timeout_s=5, final=("processing",))
+            for txn in ids:
+                assert (await client.get(f"/payments/{txn}")).status_code == 404
+        finally:
+            stop_worker(worker)
+        await client.delete("/admin/faults")
+        await _assert_clean(deps, ids)  # the janitor's re-issue now lands: collected once
+        for user, txn in zip(users, ids, strict=True):
+            payment = (await client.get(f"/payments/{txn}")).json()
+            assert (payment["kind"], payment["status"]) == ("collection", "succeeded")
+            account = (await client.get(f"/admin/accounts/{user}")).json()
+            assert account["balance_minor"] == 100_000_000 - 700
+    rows = await deps.pool.fetch(
+        "SELECT b.posted, b.pending FROM balances b WHERE account_id = ANY($1::uuid[])", users
+    )
+    assert {(r["posted"], r["pending"]) for r in rows} == {(700, 0)}
 
 
 # A statement of the batch fails after the batch began (its intents and balances locked): every
