@@ -81,6 +81,7 @@ class BankClient:
         connections_max: int = 100,
         key_per_request: bool = False,
         unknown_as_failed: bool = False,
+        unknown_as_succeeded: bool = False,
     ) -> None:
         self.retries_max = retries_max
         # The "bank_key_off" broken build (never set outside a chaos harness's scratch system):
@@ -88,6 +89,10 @@ class BankClient:
         self.key_per_request = key_per_request
         # The "unknown_as_failed" broken build: a lost answer is taken for a refusal.
         self._lost: Outcome = "failed" if unknown_as_failed else "unknown"
+        # The "unknown_as_succeeded" broken build: a lost answer is taken for a success, so a
+        # request the bank never acted on (lost on its way) is credited or posted.
+        if unknown_as_succeeded:
+            self._lost = "succeeded"
         self.backoff_s = backoff_s
         # Never resent by the transport: a request that may have reached the bank is
         # "unknown" here and resolved by key later (a resend with the same key would be safe

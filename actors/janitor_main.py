@@ -157,6 +157,7 @@ async def open_deps(config: Config) -> AsyncIterator[JanitorDeps]:
         retries_max=p.bank_retries_max,
         key_per_request=config.mutation == "bank_key_off",
         unknown_as_failed=config.mutation == "unknown_as_failed",
+        unknown_as_succeeded=config.mutation == "unknown_as_succeeded",
     )
     try:
         yield JanitorDeps(pool, QueueSet(redis, p.shards, pools.enqueue_concurrency_max), bank, p)

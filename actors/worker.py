@@ -124,6 +124,7 @@ async def run_worker(config: Config, spec: WorkerSpec, stop: asyncio.Event) -> N
         retries_max=p.bank_retries_max,
         key_per_request=config.mutation == "bank_key_off",
         unknown_as_failed=config.mutation == "unknown_as_failed",
+        unknown_as_succeeded=config.mutation == "unknown_as_succeeded",
     )
     queues = QueueSet(redis, p.shards, config.pools.enqueue_concurrency_max)
     committer = Committer(

@@ -9,6 +9,8 @@ trio-asyncio. Only 127.0.0.1 targets; every loop is bounded in count and time.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import io
 import json
@@ -33,6 +35,10 @@ CONVERGE_POLL_S = 0.25
 BURST = 3
 UNANSWERED_RETRIES = 4
 BACKOFF_S = 0.25
+# A 401 (the access token expired in flight) -> refresh, then the same request again: at most
+# this many times per request; a refresh is tried this many times before signing in again.
+UNAUTHORIZED_RESENDS_MAX = 3
+REFRESH_ATTEMPTS_MAX = 3
 PAYMENTS = {
     "deposit": "/api/v1/payments/deposit",
     "withdraw": "/api/v1/payments/withdraw",
@@ -54,12 +60,72 @@ class WorkloadParams:
     hot_share: float = 0.0
 
 
+@dataclass
+class Session:
+    """A member's tokens, renewed when the API says the access token has expired (401)."""
+
+    access_token: str
+    refresh_token: str
+    # One renewal at a time: a refresh token is single-use, and every request of the member
+    # that met the same expired token asks for a renewal.
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    refreshes: int = 0
+    signins: int = 0
+
+
 @dataclass(frozen=True)
 class Member:
     id: str
     email: str
     account_id: str
-    token: str
+    session: Session = field(compare=False)
+
+    @property
+    def token(self) -> str:
+        return self.session.access_token
+
+
+def token_expired_s(token: str, now_s: float) -> float | None:
+    """How long ago (wall clock) the JWT's ``exp`` passed (negative: still valid); None when it
+    has none. Read without verifying: only the time matters here."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return now_s - float(claims["exp"])
+    except (IndexError, binascii.Error, ValueError, KeyError, TypeError):
+        return None
+
+
+async def renew(client: httpx.AsyncClient, member: Member, stale: str) -> None:
+    """What a client does on 401: refresh the tokens (once, for every request that met the
+    ``stale`` token), else sign in again (a refresh whose answer was lost has spent the
+    refresh token)."""
+    session = member.session
+    async with session.lock:
+        if session.access_token != stale:
+            return  # another request of this member renewed them meanwhile
+        for _ in range(REFRESH_ATTEMPTS_MAX):
+            body = {"refresh_token": session.refresh_token}
+            if await _take_tokens(client, "/api/v1/auth/refresh", body, session):
+                session.refreshes += 1
+                return
+            await trio.sleep(BACKOFF_S)
+        signin = {"email": member.email, "password": PASSWORD}
+        if await _take_tokens(client, "/api/v1/auth/signin", signin, session):
+            session.signins += 1
+
+
+async def _take_tokens(client: httpx.AsyncClient, path: str, body: Mapping[str, str],
+                       session: Session) -> bool:  # fmt: skip
+    try:
+        r = await client.post(path, json=body)
+        data = r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, json.JSONDecodeError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    session.access_token, session.refresh_token = data["access_token"], data["refresh_token"]
+    return True
 
 
 @dataclass
@@ -87,10 +153,14 @@ class Request:
 
 
 async def send(client: httpx.AsyncClient, rec: Recorder, process: int, req: Request) -> Op:
-    headers = {"Authorization": f"Bearer {req.member.token}"}
+    """One request, recorded. A 401 is a definite refusal (nothing was done); the member's
+    tokens are renewed before this returns, so the caller may send it again."""
+    token = req.member.token
+    headers = {"Authorization": f"Bearer {token}"}
     if req.key is not None:
         headers["Idempotency-Key"] = req.key
     index, invoked = rec.claim()
+    expired_s = token_expired_s(token, time.time())
     status: int | None = None
     response: dict[str, Any] | None = None
     try:
@@ -118,8 +188,24 @@ async def send(client: httpx.AsyncClient, rec: Recorder, process: int, req: Requ
         outcome,
         response,
         req.dest_account,
+        expired_s,
     )
     rec.ops.append(op)
+    if status == 401:
+        await renew(client, req.member, token)
+    return op
+
+
+async def send_authorized(
+    client: httpx.AsyncClient, rec: Recorder, process: int, req: Request
+) -> Op:
+    """``send``, and again (bounded) while the answer is 401: each is recorded, the tokens
+    renewed in between."""
+    op = await send(client, rec, process, req)
+    for _ in range(UNAUTHORIZED_RESENDS_MAX):
+        if op.status != 401:
+            break
+        op = await send(client, rec, process, req)
     return op
 
 
@@ -239,9 +325,10 @@ async def _send_until_answered(
     client: httpx.AsyncClient, rec: Recorder, process: int, req: Request
 ) -> Op:
     """What a careful client does: no answer (or 503) -> back off, send the same request with
-    the same key again, a bounded number of times. The last answer."""
+    the same key again, a bounded number of times (a 401, after the tokens' renewal, too).
+    The last answer."""
     for attempt in range(UNANSWERED_RETRIES):
-        op = await send(client, rec, process, req)
+        op = await send_authorized(client, rec, process, req)
         if op.outcome != "info":
             return op
         await trio.sleep(BACKOFF_S * (attempt + 1))
@@ -250,9 +337,11 @@ async def _send_until_answered(
 
 async def _read(client: httpx.AsyncClient, rec: Recorder, process: int, member: Member) -> None:
     index, invoked = rec.claim()
+    token = member.token
+    expired_s = token_expired_s(token, time.time())
     status, body = None, None
     try:
-        r = await client.get("/api/v1/accounts/me", headers=_auth(member))
+        r = await client.get("/api/v1/accounts/me", headers={"Authorization": f"Bearer {token}"})
         status, body = r.status_code, r.json()
     except (httpx.HTTPError, json.JSONDecodeError):
         pass
@@ -270,8 +359,11 @@ async def _read(client: httpx.AsyncClient, rec: Recorder, process: int, member: 
             status,
             outcome,
             body,
+            token_expired_s=expired_s,
         )
     )
+    if status == 401:
+        await renew(client, member, token)
 
 
 def _auth(member: Member) -> dict[str, str]:
@@ -286,7 +378,8 @@ async def _signup(client: httpx.AsyncClient, n: int) -> Member:
     if r.status_code != 201:
         raise WorkloadError(f"signup failed: HTTP {r.status_code} {r.text[:200]}")
     data = r.json()
-    return Member(data["user"]["id"], email, data["user"]["account_id"], data["access_token"])
+    session = Session(data["access_token"], data["refresh_token"])
+    return Member(data["user"]["id"], email, data["user"]["account_id"], session)
 
 
 class WorkloadError(Exception):
@@ -314,7 +407,7 @@ async def run(
     ) as client:
         members = [await _signup(client, n) for n in range(p.users)]
         for m in members:
-            await send(
+            await send_authorized(
                 client,
                 rec,
                 -1,
@@ -355,9 +448,11 @@ async def converge_and_read(
     members: Sequence[Member],
     p: WorkloadParams,
     bank_url: str | None = None,
+    redis_url: str | None = None,
 ) -> FinalState:
     """Wait (bounded) until every transaction of the members is final, then read the state
-    (the bank's statement too, when ``bank_url`` is given)."""
+    (the bank's statement too, when ``bank_url`` is given; the settlement jobs' records when
+    ``redis_url`` is)."""
     accounts = [uuid.UUID(m.account_id) for m in members]
     async with trio_asyncio.open_loop():
         deadline = time.monotonic() + p.converge_s_max
@@ -369,7 +464,45 @@ async def converge_and_read(
     async with httpx.AsyncClient(base_url=api_url, timeout=REQUEST_TIMEOUT_S) as client:
         views = {m.id: await _view(client, m) for m in members}
     bank = None if bank_url is None else await _bank(bank_url, {m.account_id for m in members})
-    return FinalState(views=views, bank=bank, **ledger)
+    jobs = None if redis_url is None else await trio.to_thread.run_sync(jobs_done, redis_url)
+    return FinalState(views=views, bank=bank, jobs_done=jobs, **ledger)
+
+
+JOB_PATTERN = "saq:job:settle-*"  # SAQ's record of each job (kept JOB_TTL_S after it ends)
+JOB_SCANS_MAX = 10_000
+JOB_SCAN_COUNT = 1000
+
+
+def jobs_done(redis_url: str) -> dict[str, float]:
+    """Each transaction's first settlement job that SAQ marked complete: txn id -> when
+    (epoch seconds). Read from SAQ's job records (settle: one intent; settle_many: a group)."""
+    import redis
+
+    done: dict[str, float] = {}
+    with redis.Redis.from_url(redis_url, socket_timeout=10) as client:
+        cursor, scans = 0, 0
+        while scans < JOB_SCANS_MAX:  # bounded: far more records than any run leaves
+            cursor, keys = client.scan(cursor, match=JOB_PATTERN, count=JOB_SCAN_COUNT)
+            scans += 1
+            for raw in client.mget(keys) if keys else []:
+                _note_job(raw, done)
+            if cursor == 0:
+                break
+    return done
+
+
+def _note_job(raw: bytes | None, done: dict[str, float]) -> None:
+    try:
+        job = json.loads(raw or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if not isinstance(job, dict) or job.get("status") != "complete" or not job.get("completed"):
+        return
+    kwargs = job.get("kwargs") or {}
+    txns = [kwargs["txn_id"]] if "txn_id" in kwargs else [t for t, _a in kwargs.get("items", [])]
+    completed_s = int(job["completed"]) / 1000
+    for txn in txns:
+        done[str(txn)] = min(done.get(str(txn), completed_s), completed_s)
 
 
 async def _bank(bank_url: str, accounts: set[str]) -> dict[str, tuple[str, int]]:
@@ -412,8 +545,9 @@ async def _read_ledger(database_url: str, members: Sequence[Member]) -> dict[str
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             txns = await conn.fetch(
-                "SELECT id, kind, source_id, dest_id, amount_minor, status FROM transactions"
-                " WHERE source_id = ANY($1) OR dest_id = ANY($1)",
+                "SELECT id, kind, source_id, dest_id, amount_minor, status,"
+                " extract(epoch FROM coalesce(settled_at, failed_at))::float8 AS final_at_s"
+                " FROM transactions WHERE source_id = ANY($1) OR dest_id = ANY($1)",
                 accounts,
             )
             keys = await conn.fetch(
@@ -438,6 +572,7 @@ async def _read_ledger(database_url: str, members: Sequence[Member]) -> dict[str
                 str(r["dest_id"]),
                 r["amount_minor"],
                 r["status"],
+                r["final_at_s"],
             )
             for r in txns
         },
@@ -453,19 +588,29 @@ async def _read_ledger(database_url: str, members: Sequence[Member]) -> dict[str
     }
 
 
+async def _get(client: httpx.AsyncClient, member: Member, path: str,
+               params: Mapping[str, str] | None = None) -> httpx.Response:  # fmt: skip
+    """A GET of the final reads; its token renewed (bounded) while the answer is 401."""
+    for _ in range(UNAUTHORIZED_RESENDS_MAX):
+        token = member.token
+        r = await client.get(path, params=params, headers={"Authorization": f"Bearer {token}"})
+        if r.status_code != 401:
+            return r
+        await renew(client, member, token)
+    return await client.get(path, params=params, headers=_auth(member))
+
+
 async def _view(client: httpx.AsyncClient, member: Member) -> ApiView:
-    me = (await client.get("/api/v1/accounts/me", headers=_auth(member))).json()
+    me = (await _get(client, member, "/api/v1/accounts/me")).json()
     history: list[dict[str, Any]] = []
     cursor: str | None = None
     for _ in range(10_000):  # bounded: far more pages than any run makes
         params = {"limit": str(HISTORY_PAGE), **({"cursor": cursor} if cursor else {})}
-        page = (
-            await client.get("/api/v1/transactions", params=params, headers=_auth(member))
-        ).json()
+        page = (await _get(client, member, "/api/v1/transactions", params)).json()
         history.extend(page["items"])
         cursor = page["next_cursor"]
         if cursor is None:
             break
-    text = (await client.get("/api/v1/transactions/export.csv", headers=_auth(member))).text
+    text = (await _get(client, member, "/api/v1/transactions/export.csv")).text
     rows = list(csv.DictReader(io.StringIO(text)))
     return ApiView(me["posted"], me["pending"], me["available"], history, rows)

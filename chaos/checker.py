@@ -16,7 +16,12 @@ What must hold (each broken rule is a ``Violation``; an empty list means the run
 - what the API shows agrees with the ledger: the balance, the paged history and the CSV export;
 - the bank agrees: each settled deposit was collected once and each settled withdrawal paid
   out once, for the same amount; nothing else moved at the bank for these users;
-- the ledger's own audit (the janitor's checks) finds nothing.
+- the ledger's own audit (the janitor's checks) finds nothing;
+- no request sent with an access token that had already expired was accepted (the API must
+  refuse it with 401);
+- no settlement job was reported done (SAQ ``complete``) before its transfer was final: a job
+  whose batch failed must be retried or failed, so that nothing but a retry or the janitor's
+  re-drive, much later, stands between a swallowed error and a transfer never settled.
 """
 
 from __future__ import annotations
@@ -34,8 +39,13 @@ RULES = (
     "replay_differs", "key_record_mismatch", "lost_transaction", "not_final", "value_mismatch",
     "unknown_unresolved", "transaction_many_keys", "unaccounted_transaction", "conservation",
     "negative_balance", "api_balance", "history_duplicates", "history_incomplete", "history_sum",
-    "csv_disagrees", "bank_disagrees", "bank_unrecorded",
+    "csv_disagrees", "bank_disagrees", "bank_unrecorded", "expired_token_accepted",
+    "job_done_early",
 )  # fmt: skip
+# A job completes after its batch's commit, and the ledger stamps a transfer final inside that
+# commit (clock_timestamp(), same machine): any job done earlier than this before its transfer
+# became final was reported done without it. The margin covers SAQ's whole milliseconds.
+JOB_EARLY_S_MIN = 0.25
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,10 @@ class Op:
     outcome: str
     response: Mapping[str, Any] | None = None
     dest_account: str | None = None  # a transfer's recipient, as an account id
+    # How long before the request was sent its access token had expired (its ``exp`` against
+    # the client's wall clock, on the server's machine): > 0, the API must have refused it,
+    # as it received the request later still. None: not known (a token without ``exp``).
+    token_expired_s: float | None = None
 
     @property
     def txn_id(self) -> str | None:
@@ -72,6 +86,7 @@ class LedgerTxn:
     dest: str
     amount: int
     status: str
+    final_at_s: float | None = None  # settled_at or failed_at, epoch seconds; None: not final
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,9 @@ class FinalState:
     # The bank's succeeded payments for the members' accounts: key -> (kind, amount); None when
     # the bank was not read.
     bank: Mapping[str, tuple[str, int]] | None = None
+    # Transaction id -> when the first SAQ job carrying it was marked complete (epoch seconds);
+    # None when the queues were not read.
+    jobs_done: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +139,8 @@ def check(
         _reads_never_negative,
         _api_agrees,
         _bank_agrees,
+        _expired_tokens_refused,
+        _jobs_done_after_their_transfers,
     ):
         found.extend(rule(history, state))
     found.extend(Violation(f"audit:{c}", f"{s}: {d}") for c, s, d in state.audit)
@@ -295,6 +315,30 @@ def _bank_agrees(_history: Sequence[Op], state: FinalState) -> Iterable[Violatio
             yield Violation("bank_disagrees", f"{txn.kind} {txn.id} {txn.status}: bank has {paid}")
     for key in state.bank.keys() - state.transactions.keys():
         yield Violation("bank_unrecorded", f"bank payment {key} has no transaction")
+
+
+def _expired_tokens_refused(history: Sequence[Op], _state: FinalState) -> Iterable[Violation]:
+    for op in history:
+        if op.outcome == "ok" and op.token_expired_s is not None and op.token_expired_s > 0:
+            yield Violation("expired_token_accepted", f"op {op.index} {op.f}: HTTP {op.status}"
+                            f" with a token expired {op.token_expired_s:.2f} s before")  # fmt: skip
+
+
+def _jobs_done_after_their_transfers(_history: Sequence[Op], state: FinalState
+                                     ) -> Iterable[Violation]:  # fmt: skip
+    """Transfers only: they need nothing but the ledger, so their job is done exactly when they
+    are final (a deposit or withdrawal may rightly stay pending or processing after its job,
+    waiting for the bank or the janitor)."""
+    if state.jobs_done is None:
+        return
+    for txn in state.transactions.values():
+        done_s = state.jobs_done.get(txn.id)
+        if txn.kind != "transfer" or done_s is None:
+            continue
+        if txn.final_at_s is None or txn.final_at_s - done_s > JOB_EARLY_S_MIN:
+            final = "never" if txn.final_at_s is None else f"{txn.final_at_s - done_s:.2f} s later"
+            yield Violation("job_done_early", f"transfer {txn.id}: its job was done, the"
+                            f" transfer final {final}")  # fmt: skip
 
 
 def _frozen(value: Any) -> Any:

@@ -262,7 +262,8 @@ async def _execute(system: System, params: WorkloadParams, scenario: Scenario | 
     if method_started and (redone_at := _jobs_redone_at(timeline.applied)) is not None:
         await trio.sleep_until(method_started[0] + redone_at)
     state = await workload.converge_and_read(system.api_url, system.database_url, members,
-                                             params, system.bank_url)  # fmt: skip
+                                             params, system.bank_url,
+                                             system.redis_url)  # fmt: skip
     if scenario is not None and "before" in hypothesis:  # after healing and convergence
         hypothesis["after"] = await prober.run(scenario.hypothesis.probes)
         hypothesis["failed"] += [f"deviates after the run: {d}"

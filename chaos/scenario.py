@@ -29,8 +29,10 @@ docs/chaos.md "Writing a scenario" explains every key with one annotated file:
     at_s = 1.0
     action = "toxic"           # toxic | remove_toxic | disable | enable | bank_faults | heal
                                # | kill | restart | pause | resume | probe
-    proxy = "postgres"         # postgres | redis | bank | bank_janitor (the janitor's own way
-                               # to the bank): toxic, remove_toxic, disable, enable
+    proxy = "postgres_worker"  # a link, <service>_<role>: postgres_api, postgres_worker,
+                               # postgres_janitor, redis_api, redis_worker, redis_janitor,
+                               # bank_worker, bank_janitor; or postgres | redis | bank, each
+                               # every link of that service: toxic, remove_toxic, disable, enable
     process = "worker-0"       # kill (SIGKILL, with its own children), restart, pause (SIGSTOP),
                                # resume (SIGCONT): worker-N, api, janitor, bank; kill and
                                # restart also: postgres, valkey (the embedded servers)
@@ -41,7 +43,8 @@ docs/chaos.md "Writing a scenario" explains every key with one annotated file:
     action = "enable"          # (no at_s); heal always runs after them
     proxy = "bank"
 
-``bank_faults`` takes ``faults = { error_rate = 0.1, drop_rate = 0.2, latency_ms = 20 }``;
+``bank_faults`` takes ``faults = { error_rate = 0.1, drop_rate = 0.2, lose_rate = 0.1,
+latency_ms = 20 }`` (lose: the request read, then lost before the bank acts);
 ``remove_toxic`` takes ``name``; ``probe`` takes ``probe = { name, provider, tolerance,
 arguments }`` and fails the run when the value is out of tolerance (a fault that did not do what
 it was meant to do tested nothing); ``heal`` starts killed processes again, resets the proxy and
@@ -77,6 +80,7 @@ from chaos.hypothesis import (
     parse_hypothesis,
     parse_probe,
 )
+from infra.system import LINK_ALIASES, LINKS, links_of
 
 SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"
 ACTIONS = ("toxic", "remove_toxic", "disable", "enable", "bank_faults", "heal", "kill", "restart",
@@ -84,7 +88,9 @@ ACTIONS = ("toxic", "remove_toxic", "disable", "enable", "bank_faults", "heal", 
 PROCESS_ACTIONS = ("kill", "restart", "pause", "resume")
 PROCESS = re.compile(r"worker-[0-9]+|api|janitor|bank|postgres|valkey")
 SERVERS = frozenset({"postgres", "valkey"})  # embedded servers: kill and restart only
-PROXIES = ("postgres", "redis", "bank", "bank_janitor")  # bank_janitor: the janitor's only
+# Every proxy name a step may name: each link (one role's way to one service: infra.system),
+# then the services' names of earlier builds, each acting on every link of its service.
+PROXIES = (*LINKS, *LINK_ALIASES)
 TOLERABLE = frozenset({503})
 RUN_S_MAX = 300.0
 # How much later than planned a step may start: a restart waits for its process to serve
@@ -102,6 +108,8 @@ CONFIGURATION = {
     "redrive_backoff_base_s": ("KIZO_REDRIVE_BACKOFF_BASE_S", False, 600),
     "redrive_backoff_max_s": ("KIZO_REDRIVE_BACKOFF_MAX_S", False, 3600),
     "rearm_max": ("KIZO_REARM_MAX", True, 1000),
+    # Short-lived access tokens: the workload's clients meet 401s mid-run and refresh.
+    "access_ttl_s": ("KIZO_ACCESS_TTL_S", True, 86_400),
 }
 TOP_KEYS = frozenset({"title", "description", "tolerated", "workload", "configuration",
                       "steady-state-hypothesis", "method", "rollbacks"})  # fmt: skip
@@ -346,7 +354,6 @@ class Timeline:
         await self.heal(http)
 
     async def _apply(self, http: httpx.AsyncClient, step: Step) -> int | str:
-        proxies = f"{self.proxy_url}/proxies"
         if step.action in PROCESS_ACTIONS:
             try:
                 return await self._control(step)
@@ -354,14 +361,9 @@ class Timeline:
                 raise ScenarioError(f"{step.describe()}: {exc}") from None
         if step.action == "probe":
             return await self._probe(step.body["probe"])
-        if step.action == "toxic":
-            r = await http.post(f"{proxies}/{step.target}/toxics", json=dict(step.body))
-        elif step.action == "remove_toxic":
-            r = await http.delete(f"{proxies}/{step.target}/toxics/{step.body['name']}")
-        elif step.action in ("disable", "enable"):
-            r = await http.post(f"{proxies}/{step.target}",
-                                json={"enabled": step.action == "enable"})  # fmt: skip
-        elif step.action == "bank_faults":
+        if step.action in ("toxic", "remove_toxic", "disable", "enable"):
+            return await self._on_links(http, step)
+        if step.action == "bank_faults":
             r = await http.put(f"{self.bank_url}/admin/faults",
                                json={"seed": self.seed, **step.body})  # fmt: skip
         else:
@@ -369,6 +371,25 @@ class Timeline:
         if r.status_code >= 300:
             raise ScenarioError(f"{step.describe()}: {r.status_code} {r.text.strip()[:200]}")
         return r.status_code
+
+    async def _on_links(self, http: httpx.AsyncClient, step: Step) -> int:
+        """A proxy step on each link its name stands for (an alias: every link of a service),
+        in order; the first refusal fails the step (the links before it keep the change, as
+        the heal at the end undoes every proxy's)."""
+        status = 0
+        for link in links_of(step.target):
+            url = f"{self.proxy_url}/proxies/{link}"
+            if step.action == "toxic":
+                r = await http.post(f"{url}/toxics", json=dict(step.body))
+            elif step.action == "remove_toxic":
+                r = await http.delete(f"{url}/toxics/{step.body['name']}")
+            else:
+                r = await http.post(url, json={"enabled": step.action == "enable"})
+            if r.status_code >= 300:
+                raise ScenarioError(f"{step.describe()}: {link}: {r.status_code} "
+                                    f"{r.text.strip()[:200]}")  # fmt: skip
+            status = max(status, r.status_code)
+        return status
 
     async def _probe(self, probe: Probe) -> str:
         if self.prober is None:

@@ -33,6 +33,8 @@ MUTATION_HELP = {
     " bank made is failed (and its hold released) in the ledger",
     "bank_key_off": "the bank client keys each request with a fresh id, not the transaction"
     " id: a retried or re-issued payment is a new payment",
+    "unknown_as_succeeded": "the bank client reports a lost answer as a success: a collection"
+    " the bank never made (the request lost on its way) is credited, creating money",
 }
 MUTATIONS = ("", *MUTATION_HELP)
 # A mutation is honoured only inside a scratch system (infra/system.py): it writes a random token

@@ -38,7 +38,31 @@ LOG_TAIL_LINES = 15
 # Processes that never go through the fault proxy: the proxy itself, and the bank (the outside
 # world, with its own database).
 DIRECT_CHILDREN = frozenset({"proxy", "bank"})
-JANITOR_BANK_PROXY = "bank_janitor"
+# Behind the proxy, each process role reaches each service it uses through a proxy of its own
+# (a link), so that a fault can hit exactly one: ``<service>_<role>``. The API never calls the
+# bank. Link name -> (service, role).
+LINKS: dict[str, tuple[str, str]] = {
+    f"{service}_{role}": (service, role)
+    for service, roles in (("postgres", ("api", "worker", "janitor")),
+                           ("redis", ("api", "worker", "janitor")),
+                           ("bank", ("worker", "janitor")))
+    for role in roles
+}  # fmt: skip
+# The names of earlier builds (one proxy per service), kept for scenario files and clients:
+# each stands for every link of its service.
+LINK_ALIASES: dict[str, tuple[str, ...]] = {
+    service: tuple(link for link, (s, _role) in LINKS.items() if s == service)
+    for service in ("postgres", "redis", "bank")
+}
+
+
+def links_of(name: str) -> tuple[str, ...]:
+    """The links a proxy name stands for: itself, or every link of an alias's service."""
+    if name in LINKS:
+        return (name,)
+    return LINK_ALIASES[name]
+
+
 PORT_VARIABLES = (
     "KIZO_PG_PORT",
     "KIZO_REDIS_PORT",
@@ -169,9 +193,9 @@ def scratch_system(
 ) -> Iterator[System]:
     """Start the system; stop every process and server, and delete the data, on exit. KIZO_*
     ``overrides`` tune it (shards, workers, rate limits…). ``behind_proxy``: the API, workers
-    and janitor reach PostgreSQL, Redis and the bank through the fault proxy's proxies named
-    postgres, redis and bank, the janitor the bank through its own, bank_janitor (the bank and
-    the readers of the final state go direct). If the
+    and janitor reach PostgreSQL, Redis and the bank through the fault proxy, each role through
+    proxies of its own (``LINKS``: postgres_api, redis_worker, bank_janitor, …; the bank and the
+    readers of the final state go direct). If the
     body fails, the tail of each process's log is printed to stderr."""
     with tempfile.TemporaryDirectory(prefix="kizo-system-") as home, ExitStack() as stack:
         env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
@@ -218,37 +242,41 @@ def _start_children(
     behind_proxy: bool,
 ) -> dict[str, dict[str, str]]:
     """Start each child once the one before it serves; returns each one's environment."""
-    kizo_env = env
-    janitor_env: dict[str, str] = {}
+    role_envs: dict[str, dict[str, str]] = {}
     envs: dict[str, dict[str, str]] = {}
     for child in children(config):
         log = stack.enter_context((logs / f"{child.name}.log").open("wb"))
-        envs[child.name] = env if child.name in DIRECT_CHILDREN else kizo_env
-        if child.name == "janitor":
-            envs[child.name] = envs[child.name] | janitor_env
+        direct = child.name in DIRECT_CHILDREN
+        envs[child.name] = env if direct else env | role_envs.get(child.role, {})
         procs.append((child, start_child(child, envs[child.name], log)))
         if child.name == "proxy" and behind_proxy:
-            kizo_env, janitor_env = _through_proxies(config)
-            kizo_env = env | kizo_env
+            role_envs = _through_proxies(config)
     return envs
 
 
-def _through_proxies(config: Config) -> tuple[dict[str, str], dict[str, str]]:
-    """Create the proxies; the environment that sends Kizo's processes through them, and the
-    janitor's own: it reaches the bank through a proxy of its own, ``bank_janitor``, so that
-    a scenario can cut the janitor from the bank while the workers still reach it."""
-    host, upstreams = config.host, dict(config.proxied_services())
-    upstreams[JANITOR_BANK_PROXY] = upstreams["bank"]
-    listen = {name: free_port() for name in upstreams}
-    body = [{"name": n, "listen": f"{host}:{listen[n]}", "upstream": upstream}
-            for n, upstream in upstreams.items()]  # fmt: skip
+def _through_proxies(config: Config) -> dict[str, dict[str, str]]:
+    """Create a proxy per link (``LINKS``); the environment of each role that sends its
+    processes through its own links, so that a scenario can cut or slow exactly one role's way
+    to one service (the janitor from the bank, the workers from PostgreSQL) and leave the rest."""
+    host, upstreams = config.host, config.proxied_services()
+    # Port 0: the proxy binds each link itself, so no port is picked free here and bound
+    # later (the servers' ports are chosen but not all bound yet: a pick could take one).
+    body = [{"name": link, "listen": f"{host}:0", "upstream": upstreams[service]}
+            for link, (service, _role) in LINKS.items()]  # fmt: skip
     api = f"http://{host}:{config.proxy_api_port}"
     httpx.post(f"{api}/populate", json=body, timeout=10).raise_for_status()
-    return {
-        "DATABASE_URL": f"postgresql://postgres@{host}:{listen['postgres']}/kizo",
-        "REDIS_URL": f"redis://{host}:{listen['redis']}/0",
-        "KIZO_BANK_URL": f"http://{host}:{listen['bank']}",
-    }, {"KIZO_BANK_URL": f"http://{host}:{listen[JANITOR_BANK_PROXY]}"}
+    made = httpx.get(f"{api}/proxies", timeout=10).raise_for_status().json()
+    listen = {link: int(made[link]["listen"].rsplit(":", 1)[1]) for link in LINKS}
+    urls = {
+        "postgres": lambda port: f"postgresql://postgres@{host}:{port}/kizo",
+        "redis": lambda port: f"redis://{host}:{port}/0",
+        "bank": lambda port: f"http://{host}:{port}",
+    }
+    variables = {"postgres": "DATABASE_URL", "redis": "REDIS_URL", "bank": "KIZO_BANK_URL"}
+    envs: dict[str, dict[str, str]] = {}
+    for link, (service, role) in LINKS.items():
+        envs.setdefault(role, {})[variables[service]] = urls[service](listen[link])
+    return envs
 
 
 def _print_log_tails(logs: Path) -> None:

@@ -36,7 +36,7 @@ import psutil
 from infra.config import PoolsConfig
 from infra.db import create_pool
 from infra.http1 import HttpClient, Reply
-from infra.system import System, scratch_system
+from infra.system import System, links_of, scratch_system
 from kizo.bench_api import percentile
 
 LOADTESTS = Path(__file__).resolve().parents[1] / "loadtests"
@@ -656,11 +656,13 @@ BURST_BAR_S = 60.0
 
 
 async def _set_proxy(proxy_url: str, name: str, enabled: bool) -> None:
+    """Every link of ``name`` (a service: each role has its own proxy to it) on or off."""
     client = HttpClient(proxy_url, 1)
     try:
-        r = await client.post(f"/proxies/{name}", {"enabled": enabled})
-        if r.status != 200:
-            raise RuntimeError(f"the fault proxy refused: {r.status} {r.body[:200]!r}")
+        for link in links_of(name):
+            r = await client.post(f"/proxies/{link}", {"enabled": enabled})
+            if r.status != 200:
+                raise RuntimeError(f"the fault proxy refused: {r.status} {r.body[:200]!r}")
     finally:
         await client.aclose()
 

@@ -70,6 +70,20 @@ def test_checker_passes_a_clean_history() -> None:
     assert check(history, state) == []
 
 
+def test_checker_passes_refused_expired_tokens_and_jobs_done_once_final() -> None:
+    history, state = _clean()
+    refused = Op(1, 6, "transfer", UA, "k4", {"to": B, "amount": 9}, 5, 6, 401, "fail",
+                 {"status": 401}, B, token_expired_s=0.4)  # fmt: skip
+    valid = dataclasses.replace(history[1], index=7, token_expired_s=-0.1)  # a replay, in time
+    txns = {
+        # A deposit may rightly wait for the bank after its job: not judged by the job rule.
+        "t1": dataclasses.replace(state.transactions["t1"], status="settled", final_at_s=50.0),
+        "t2": dataclasses.replace(state.transactions["t2"], final_at_s=10.1),
+    }
+    judged = dataclasses.replace(state, transactions=txns, jobs_done={"t1": 1.0, "t2": 10.0})
+    assert check([*history, refused, valid], judged) == []
+
+
 def test_checker_catches_each_kind_of_violation() -> None:
     history, state = _clean()
     t2 = state.transactions["t2"]
@@ -148,6 +162,18 @@ def test_checker_catches_each_kind_of_violation() -> None:
         "bank_unrecorded": (
             history,
             dataclasses.replace(state, bank={"t1": ("collection", 100), "t7": ("payout", 5)}),
+        ),
+        "expired_token_accepted": (
+            [*history, dataclasses.replace(history[1], index=9, token_expired_s=0.5)],
+            state,
+        ),
+        "job_done_early": (
+            history,
+            dataclasses.replace(
+                state,
+                transactions={**state.transactions, "t2": dataclasses.replace(t2, final_at_s=9)},
+                jobs_done={"t2": 8.5},
+            ),
         ),
         "audit:transaction_unbalanced": (
             history,

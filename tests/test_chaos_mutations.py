@@ -77,6 +77,7 @@ CAUGHT = [
     ),
     ("unknown_as_failed", "bank-flaky", 30, "bank_disagrees"),
     ("bank_key_off", "bank-flaky", 30, "bank_unrecorded"),
+    ("unknown_as_succeeded", "bank-lost-request", 0, "bank_disagrees"),
 ]
 
 

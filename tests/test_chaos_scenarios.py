@@ -16,7 +16,8 @@ from chaos.hypothesis import DEFAULT, Probe, Prober
 from tests.test_chaos_report import check_journal
 
 SHIPPED = {
-    "api-crash", "bank-down", "bank-flaky", "combined-storm", "db-latency", "hot-account",
+    "api-crash", "bank-down", "bank-flaky", "bank-lost-request", "batch-db-failure",
+    "combined-storm", "db-latency", "hot-account", "token-expiry",
     "janitor-down", "janitor-partition", "pg-crash", "pg-reset", "redis-outage", "redis-slicer",
     "valkey-wipe", "worker-crash", "zombie-worker",
 }  # fmt: skip
@@ -295,3 +296,22 @@ def test_a_run_that_killed_a_worker_is_checked_after_its_jobs_came_back() -> Non
                {"actual_s": 3.0, "step": "kill api", "status": "killed"}]  # fmt: skip
     assert _jobs_redone_at(applied) == 1.0 + DEAD_WORKER_JOBS_REDONE_S
     assert _jobs_redone_at(applied[2:]) is None
+
+
+def test_the_token_ttl_is_a_scenario_setting() -> None:
+    assert scenarios.load("token-expiry", seed=1).configuration == {"KIZO_ACCESS_TTL_S": "2"}
+
+
+def test_tokens_expiring_in_flight_are_refused_then_renewed_and_the_payments_go_on() -> None:
+    report = _run("token-expiry", seed=2)
+    assert report["violations"] == 0, report["violations_shown"]
+    assert not failed(report), report["steps_failed"]
+    by_status: dict[int, int] = {}
+    for kind_status, n in report["by_kind_and_status"].items():
+        status = kind_status.rsplit(" ", 1)[1]
+        if status.isdigit():
+            by_status[int(status)] = by_status.get(int(status), 0) + n
+    # Tokens expired mid-run (else the scenario tested nothing), and the clients renewed them:
+    # without renewal every request after the first expiry is a 401.
+    assert by_status.get(401, 0) > 0, by_status
+    assert by_status.get(202, 0) > by_status[401], by_status

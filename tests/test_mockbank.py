@@ -479,7 +479,8 @@ def _metric(bank: Bank, name: str, **labels: str) -> float:
 
 
 def test_admin_faults_validate_and_change_only_what_is_given(bank: Bank) -> None:
-    cleared = {"error_rate": 0.0, "latency_ms": 0, "drop_rate": 0.0, "seed": None}
+    cleared = {"error_rate": 0.0, "latency_ms": 0, "drop_rate": 0.0, "lose_rate": 0.0,
+               "seed": None}  # fmt: skip
     assert httpx.get(f"{bank.url}/admin/faults", timeout=5).json() == cleared
     assert _faults(bank, error_rate=0.25, seed=9).json() == {
         **cleared,
@@ -495,6 +496,8 @@ def test_admin_faults_validate_and_change_only_what_is_given(bank: Bank) -> None
     for bad in (
         {"error_rate": 1.5},
         {"drop_rate": -0.1},
+        {"lose_rate": 1.01},
+        {"lose_rate": "1"},
         {"latency_ms": 10_001},
         {"latency_ms": 1.5},
         {"error_rate": "0.5"},
@@ -539,6 +542,48 @@ def test_drop_fault_commits_then_closes_the_connection_without_an_answer(bank: B
     assert _pay(bank, "/payouts", key, account, 40).status_code == 200
     assert _balance(bank, account) == OPENING_MINOR + 40  # applied exactly once
     assert _statement_keys(bank).count(key) == 1
+
+
+def test_lose_fault_closes_the_connection_and_processes_nothing(bank: Bank) -> None:
+    injected = _metric(bank, "bank_faults_injected_total", fault="lose")
+    dropped = _metric(bank, "bank_faults_injected_total", fault="drop")
+    assert _faults(bank, lose_rate=1.0, drop_rate=1.0, seed=5).status_code == 200
+    key, account = _new(), _new()
+    for path in ("/collections", "/collections", "/payouts"):
+        started = time.monotonic()
+        # What the caller sees is what a dropped answer looks like: no response at all.
+        with pytest.raises(httpx.RemoteProtocolError):
+            _pay(bank, path, key, account, 40, timeout_s=5)
+        assert time.monotonic() - started < 2  # a reset, not a hold
+    # ... but the bank has no record of it: asking by key is how the two are told apart.
+    assert httpx.get(f"{bank.url}/payments/{key}", timeout=5).status_code == 404
+    assert _balance(bank, account) is None
+    assert key not in _statement_keys(bank)
+    assert _metric(bank, "bank_faults_injected_total", fault="lose") == injected + 3
+    assert _metric(bank, "bank_faults_injected_total", fault="drop") == dropped  # nothing to drop
+    httpx.delete(f"{bank.url}/admin/faults", timeout=5)
+    assert _pay(bank, "/collections", key, account, 40).status_code == 201  # the first time
+    assert _balance(bank, account) == OPENING_MINOR - 40
+
+
+def test_lose_dice_leave_the_error_dice_of_a_seed_unchanged(bank: Bank) -> None:
+    def pattern(**rates: float) -> list[int]:
+        _faults(bank, seed=77, **rates)
+        return [_pay(bank, "/payouts", _new(), _new(), 1).status_code for _ in range(24)]
+
+    errors_only = pattern(error_rate=0.5, lose_rate=0.0)
+    assert pattern(error_rate=0.5, lose_rate=0.0) == errors_only  # repeatable
+    # With losses on, the requests that are not lost are refused exactly as before.
+    with_losses: list[int] = []
+    _faults(bank, seed=77, error_rate=0.5, lose_rate=0.5)
+    for _ in range(24):
+        try:
+            with_losses.append(_pay(bank, "/payouts", _new(), _new(), 1).status_code)
+        except httpx.RemoteProtocolError:
+            with_losses.append(0)
+    httpx.delete(f"{bank.url}/admin/faults", timeout=5)
+    assert 0 in with_losses and 503 in with_losses
+    assert all(w in (0, e) for w, e in zip(with_losses, errors_only, strict=True))
 
 
 def test_latency_fault_delays_payment_answers_only(bank: Bank) -> None:
@@ -604,13 +649,15 @@ def _cli(*args: str, port: int) -> subprocess.CompletedProcess[str]:
 
 def test_bank_faults_cli_sets_shows_and_clears(bank: Bank) -> None:
     run = _cli(
-        "bank-faults", "--error-rate", "0.25", "--latency-ms", "7", "--seed", "3", port=bank.port
-    )
+        "bank-faults", "--error-rate", "0.25", "--latency-ms", "7", "--lose-rate", "0.125",
+        "--seed", "3", port=bank.port,
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert httpx.get(f"{bank.url}/admin/faults", timeout=5).json() == {
         "error_rate": 0.25,
         "latency_ms": 7,
         "drop_rate": 0.0,
+        "lose_rate": 0.125,
         "seed": 3,
     }
     shown = _cli("bank-faults", "--show", port=bank.port)
@@ -626,6 +673,7 @@ def test_bank_faults_cli_sets_shows_and_clears(bank: Bank) -> None:
     "flags",
     [
         ["--drop-rate", "7"],
+        ["--lose-rate", "-0.5"],
         ["--error-rate", "nan"],
         ["--error-rate", "x"],
         ["--latency-ms", "10001"],

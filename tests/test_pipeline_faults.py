@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
@@ -18,7 +19,7 @@ import pytest_asyncio
 import redis.exceptions
 from redis.asyncio import Redis
 
-from actors.janitor import JanitorDeps
+from actors.janitor import JanitorDeps, run_pass
 from actors.routing import QueueSet
 from engine import BANK_SETTLEMENT, NewIntent, system_account
 from infra.config import PipelineConfig
@@ -167,3 +168,106 @@ async def test_bank_drops_payout_answers_no_double_payout(
         "SELECT b.posted, b.pending FROM balances b WHERE account_id = ANY($1::uuid[])", users
     )
     assert {(r["posted"], r["pending"]) for r in rows} == {(9_000, 0)}
+
+
+@pytest.mark.asyncio
+async def test_deposits_whose_requests_the_bank_lost_are_never_credited_until_it_collects(
+    servers: ServerSet, db_url: str, deps: JanitorDeps, own_bank: BankProcess
+) -> None:
+    users = await bank_funded(deps.pool, deps.bank, [0] * 4)
+    bank_account = await system_account(deps.pool, BANK_SETTLEMENT)
+    async with httpx.AsyncClient(base_url=own_bank.url, timeout=5) as client:
+        # Every request read and lost unprocessed: to the worker, the same "no answer" as a
+        # dropped one.
+        await client.put("/admin/faults", json={"lose_rate": 1.0, "seed": 4})
+        ids = await intents(deps.pool, [NewIntent("deposit", bank_account, u, 700) for u in users])
+        worker = start_worker(servers, db_url, own_bank.url, KIZO_BANK_TIMEOUT_S="0.5")
+        try:
+            await enqueue(deps.pool, servers.redis_url, ids)
+            counts = await wait_final(deps.pool, ids, timeout_s=30, final=("processing",))
+            assert counts == {"processing": len(ids)}  # unknown: not credited, not failed
+            # The janitor asks by key (404: never collected) and re-issues, lost again: still
+            # nothing credited.
+            await run_pass(deps)
+            assert await wait_final(deps.pool, ids, timeout_s=5, final=("processing",))
+            for txn in ids:
+                assert (await client.get(f"/payments/{txn}")).status_code == 404
+        finally:
+            stop_worker(worker)
+        await client.delete("/admin/faults")
+        await _assert_clean(deps, ids)  # the janitor's re-issue now lands: collected once
+        for user, txn in zip(users, ids, strict=True):
+            payment = (await client.get(f"/payments/{txn}")).json()
+            assert (payment["kind"], payment["status"]) == ("collection", "succeeded")
+            account = (await client.get(f"/admin/accounts/{user}")).json()
+            assert account["balance_minor"] == 100_000_000 - 700
+    rows = await deps.pool.fetch(
+        "SELECT b.posted, b.pending FROM balances b WHERE account_id = ANY($1::uuid[])", users
+    )
+    assert {(r["posted"], r["pending"]) for r in rows} == {(700, 0)}
+
+
+# A statement of the batch fails after the batch began (its intents and balances locked): every
+# insert into postings is refused. NOT VALID: the rows already there are not checked.
+BATCH_FAULT_ON = "ALTER TABLE postings ADD CONSTRAINT injected_fault CHECK (false) NOT VALID"
+BATCH_FAULT_OFF = "ALTER TABLE postings DROP CONSTRAINT injected_fault"
+JOBS_POLL_S = 0.1
+JOBS_RETRIED_S_MAX = 30.0
+
+
+async def _jobs_while_batches_fail(
+    pool: asyncpg.Pool, queues: QueueSet, jobs: dict[str, uuid.UUID]
+) -> set[str]:
+    """Polls (bounded) until every job has failed or been retried; at every look no job may be
+    complete, since the fault leaves every intent pending. The statuses seen."""
+    seen: set[str] = set()
+    deadline = asyncio.get_running_loop().time() + JOBS_RETRIED_S_MAX
+    while True:
+        found = [await queues.for_account(account).job(key) for key, account in jobs.items()]
+        pending = await pool.fetchval(
+            "SELECT count(*) FROM transactions WHERE id = ANY($1::uuid[]) AND status = 'pending'",
+            [uuid.UUID(key) for key in jobs],
+        )
+        assert pending == len(jobs), "a transfer settled although every posting write fails"
+        statuses = [job.status.value if job is not None else "gone" for job in found]
+        seen.update(statuses)
+        done = [k for k, s in zip(jobs, statuses, strict=True) if s in ("complete", "gone")]
+        assert not done, f"{len(done)} jobs reported done while their intents are pending"
+        if all(j is not None and (j.status.value == "failed" or j.attempts >= 2) for j in found):
+            return seen
+        assert asyncio.get_running_loop().time() < deadline, f"jobs never retried: {seen}"
+        await asyncio.sleep(JOBS_POLL_S)
+
+
+@pytest.mark.asyncio
+async def test_a_batch_whose_statement_fails_leaves_its_jobs_retried_or_failed_never_done(
+    servers: ServerSet, db_url: str, deps: JanitorDeps, own_bank: BankProcess
+) -> None:
+    rng = random.Random(7)
+    users = await bank_funded(deps.pool, deps.bank, [10_000] * 6)
+    pairs = [rng.sample(users, 2) for _ in range(40)]
+    ids = await intents(
+        deps.pool, [NewIntent("transfer", a, b, rng.randint(1, 50)) for a, b in pairs]
+    )
+    jobs = {str(t): a for t, (a, _b) in zip(ids, pairs, strict=True)}  # transfers: the source's
+    await deps.pool.execute(BATCH_FAULT_ON)
+    worker = start_worker(servers, db_url, own_bank.url)
+    try:
+        await enqueue(deps.pool, servers.redis_url, ids)
+        seen = await _jobs_while_batches_fail(deps.pool, deps.queues, jobs)
+        # Anything but done: waiting for a retry, running, out of retries, or being aborted by
+        # SAQ (a job past its timeout on a loaded machine).
+        assert seen <= {"queued", "active", "failed", "aborting", "aborted"}, seen
+        await deps.pool.execute(BATCH_FAULT_OFF)
+        # Jobs that ran out of retries are the janitor's to re-drive; the ledger applies once.
+        await with_janitor(deps, wait_final(deps.pool, ids, timeout_s=60))
+    finally:
+        stop_worker(worker)
+    await _assert_clean(deps, ids)
+    counts = await deps.pool.fetchrow(
+        "SELECT count(*) FILTER (WHERE t.status = 'settled'),"
+        " (SELECT count(*) FROM postings p WHERE p.transaction_id = ANY($1::uuid[]))"
+        " FROM transactions t WHERE t.id = ANY($1::uuid[])",
+        ids,
+    )
+    assert counts is not None and tuple(counts) == (len(ids), 2 * len(ids))  # each moved once

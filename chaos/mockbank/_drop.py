@@ -1,4 +1,5 @@
 """ "Process then drop the answer": the payment is committed, the caller gets no response at all.
+(The lose fault uses the same way out with the header's value ``lose``: nothing was committed.)
 
 ASGI offers no way to abort a connection, and granian answers 500 when an app raises before its
 body starts (measured with granian 2.8.7: raising before or at ``http.response.start`` yields
@@ -89,19 +90,25 @@ def shutdown_connection(scope: Scope) -> bool:
     return False
 
 
-def _dropped(message: Message) -> bool:
-    return message["type"] == "http.response.start" and any(
-        name.lower() == DROP_HEADER for name, _ in message.get("headers", ())
-    )
+def _dropped(message: Message) -> bytes | None:
+    """The drop header's value (``lose``: the request was never acted on), None if absent."""
+    if message["type"] != "http.response.start":
+        return None
+    for name, value in message.get("headers", ()):
+        if name.lower() == DROP_HEADER:
+            return bytes(value)
+    return None
 
 
-def _gateway_timeout() -> tuple[Message, Message]:
+def _gateway_timeout(lost: bool) -> tuple[Message, Message]:
+    detail = ("injected fault: the request was lost, nothing was processed" if lost
+              else "injected fault: the payment was processed, the answer withheld")  # fmt: skip
     body = json.dumps(
         {
             "type": "/problems/answer-dropped",
             "title": "Answer dropped",
             "status": 504,
-            "detail": "injected fault: the payment was processed, the answer withheld",
+            "detail": detail,
         }
     ).encode()
     start = {
@@ -126,20 +133,22 @@ class DropAnswers:
 
         async def guarded_send(message: Message) -> None:
             nonlocal dropping
-            if _dropped(message):
+            marked = _dropped(message)
+            if marked is not None:
                 dropping = True
-                await self._drop(scope, send)
+                await self._drop(scope, send, lost=marked == b"lose")
             if not dropping:
                 await send(message)
 
         await self.app(scope, receive, guarded_send)
 
-    async def _drop(self, scope: Scope, send: Send) -> None:
+    async def _drop(self, scope: Scope, send: Send, lost: bool) -> None:
         if self.mode == "reset" and shutdown_connection(scope):
-            log.info("bank_answer_dropped", how="reset", path=scope.get("path"))
+            log.info("bank_answer_dropped", how="reset", lost=lost, path=scope.get("path"))
             return
-        log.info("bank_answer_dropped", how="hold", hold_s=self.hold_s, path=scope.get("path"))
+        log.info("bank_answer_dropped", how="hold", lost=lost, hold_s=self.hold_s,
+                 path=scope.get("path"))  # fmt: skip
         await asyncio.sleep(self.hold_s)
-        start, body = _gateway_timeout()
+        start, body = _gateway_timeout(lost)
         await send(start)
         await send(body)

@@ -151,6 +151,8 @@ async def _payment_request(bank: _Bank, kind: store.Kind) -> store.PaymentReques
 async def _make_payment(bank: _Bank, kind: store.Kind) -> Response:
     req = await _payment_request(bank, kind)
     decision = bank.faults.roll()
+    if decision.lose:
+        return await _lose(bank, req, decision.latency_ms)
     if decision.error:
         bank.metrics.faults.labels("error").inc()
         log.info("bank_fault", fault="error", key=req.key, kind=kind)
@@ -177,6 +179,18 @@ async def _make_payment(bank: _Bank, kind: store.Kind) -> Response:
     if decision.drop:
         bank.metrics.faults.labels("drop").inc()
         response.headers[DROP_HEADER.decode()] = "1"
+    return response
+
+
+async def _lose(bank: _Bank, req: store.PaymentRequest, latency_ms: int) -> Response:
+    """Read, then lost before the bank acted: no record, and the caller sees what a dropped
+    answer looks like (the connection closed, or held past its timeout), so only asking by key
+    (GET /payments/{key}: 404) tells the two apart."""
+    bank.metrics.faults.labels("lose").inc()
+    log.info("bank_fault", fault="lose", key=req.key, kind=req.kind)
+    await _delay(bank, latency_ms)
+    response = Problem(504, "Request lost", "injected fault: nothing was processed").response()
+    response.headers[DROP_HEADER.decode()] = "lose"
     return response
 
 

@@ -43,6 +43,8 @@ def _configure_faults(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--error-rate", metavar="X", help="share answered 503, unprocessed (0-1)")
     parser.add_argument("--latency-ms", metavar="N", help="delay before each answer (0-10000)")
     parser.add_argument("--drop-rate", metavar="X", help="share processed, answer dropped (0-1)")
+    parser.add_argument("--lose-rate", metavar="X",
+                        help="share read, then lost unprocessed, no answer (0-1)")  # fmt: skip
     parser.add_argument("--seed", metavar="N", help="seed of the fault dice, for repeatable runs")
     parser.add_argument("--clear", action="store_true", help="remove every fault (first)")
     parser.add_argument("--show", action="store_true", help="print the faults (the default)")
@@ -77,6 +79,8 @@ def fault_changes(args: argparse.Namespace) -> dict[str, Any]:
         body["latency_ms"] = _integer("--latency-ms", args.latency_ms, 0, LATENCY_MAX_MS)
     if args.drop_rate is not None:
         body["drop_rate"] = _rate("--drop-rate", args.drop_rate)
+    if args.lose_rate is not None:
+        body["lose_rate"] = _rate("--lose-rate", args.lose_rate)
     if args.seed is not None:
         body["seed"] = _integer("--seed", args.seed, -SEED_ABS_MAX, SEED_ABS_MAX)
     return body
