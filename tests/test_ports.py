@@ -21,9 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from infra import ports
+from infra.addresses import listener_of
 from infra.config import Config
 from infra.processes import start_servers
-from infra.readiness import redis_probe
+from infra.readiness import redis_probe, wait_http, wait_reported_port
+from infra.servers import stop_process
 
 WINDOW_LOW = 24_100  # inside the picking range, a window of its own for these tests
 PICKERS = 2
@@ -150,3 +152,20 @@ def test_a_server_whose_port_is_taken_starts_again_on_another(tmp_path: Path) ->
         assert config.redis_port != taken.getsockname()[1]
         assert config.valkey_url().endswith(f":{config.redis_port}/0")
         assert redis_probe("127.0.0.1", config.redis_port)() is None
+
+
+def test_the_proxy_started_on_port_0_reports_the_port_it_bound(tmp_path: Path) -> None:
+    env = {**os.environ, "KIZO_HOME": str(tmp_path), "KIZO_PROXY_API_PORT": "0",
+           "KIZO_PROXY_FILE": "none"}  # fmt: skip
+    log_path = tmp_path / "proxy.log"
+    with log_path.open("wb") as log, subprocess.Popen(
+        [sys.executable, "-m", "kizo.cli", "proxy"], env=env, stdout=log, stderr=log,
+        stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1],
+    ) as proc:  # fmt: skip
+        try:
+            port = wait_reported_port(tmp_path / "run", "proxy", proc=proc, log=log_path)
+            assert port != 0
+            assert f"pid {proc.pid} " in listener_of(port), "the port it reported is its own"
+            wait_http(f"http://127.0.0.1:{port}/version", proc=proc, log=log_path)
+        finally:
+            stop_process(proc)
