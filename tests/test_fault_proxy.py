@@ -401,23 +401,22 @@ async def test_valkey_through_the_proxy_under_latency_and_reset(
     body = {"name": "redis", "listen": "127.0.0.1:0", "upstream": upstream}
     r = await harness.api.post("/proxies", json=body)
     port = int(r.json()["listen"].rsplit(":", 1)[1])
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    with redis.Redis(host="127.0.0.1", port=port, socket_timeout=5) as client:
 
-    def ping() -> float:
-        started = time.monotonic()
-        assert client.ping() is True
-        return time.monotonic() - started
+        def ping() -> float:
+            started = time.monotonic()
+            assert client.ping() is True
+            return time.monotonic() - started
 
-    assert await trio.to_thread.run_sync(ping) < 5
-    await harness.api.post("/proxies/redis/toxics",
-                           json={"type": "latency", "attributes": {"latency": 200}})  # fmt: skip
-    assert await trio.to_thread.run_sync(ping) >= 0.2
-    await harness.api.post("/reset")
-    reset = {"type": "reset_peer", "attributes": {"timeout": 0}}
-    await harness.api.post("/proxies/redis/toxics", json=reset)
-    with pytest.raises(redis.ConnectionError):
-        await trio.to_thread.run_sync(client.ping)
-    client.close()
+        assert await trio.to_thread.run_sync(ping) < 5
+        latency = {"type": "latency", "attributes": {"latency": 200}}
+        await harness.api.post("/proxies/redis/toxics", json=latency)
+        assert await trio.to_thread.run_sync(ping) >= 0.2
+        await harness.api.post("/reset")
+        reset = {"type": "reset_peer", "attributes": {"timeout": 0}}
+        await harness.api.post("/proxies/redis/toxics", json=reset)
+        with pytest.raises(redis.ConnectionError):
+            await trio.to_thread.run_sync(client.ping)
 
 
 def test_the_shipped_proxy_definitions_load() -> None:
