@@ -36,10 +36,12 @@ class _ProxyMetrics(Collector):
         # dashboards and checks read this proxy too. It adds a link's bytes when the link ends;
         # these count as the bytes move, and agree with it once the connections have closed.
         labels = ["direction", "listener", "proxy", "upstream"]
-        received = CounterMetricFamily("toxiproxy_proxy_received_bytes",
-                                       "Bytes read from the source side", labels=labels)
-        passed = CounterMetricFamily("toxiproxy_proxy_sent_bytes",
-                                     "Bytes written to the destination side", labels=labels)
+        received = CounterMetricFamily(
+            "toxiproxy_proxy_received_bytes", "Bytes read from the source side", labels=labels
+        )
+        passed = CounterMetricFamily(
+            "toxiproxy_proxy_sent_bytes", "Bytes written to the destination side", labels=labels
+        )
         for name, proxy in self.collection.proxies.items():
             accepted.add_metric([name], proxy.counters.accepted)
             for stream, n in proxy.counters.bytes.items():
