@@ -51,6 +51,12 @@ def _shards(config: Config, args: argparse.Namespace) -> list[int]:
 def _worker(config: Config, args: argparse.Namespace) -> int:
     from actors.worker import WorkerSpec, main
     from infra import aio
+    from infra.addresses import ensure_free
+
+    # Said before the worker connects anywhere, not once it consumes and only then binds.
+    ensure_free(
+        config.host, args.metrics_port, "--metrics-port (kizo up: KIZO_WORKER_METRICS_PORT)"
+    )
 
     spec = WorkerSpec(
         config.pg_url(),

@@ -19,6 +19,10 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 def _janitor(config: Config, args: argparse.Namespace) -> int:
     from actors.janitor_main import main
     from infra import aio
+    from infra.addresses import ensure_free
+
+    if not args.once:  # a single pass serves no metrics
+        ensure_free(config.host, config.pipeline.janitor_metrics_port, "KIZO_JANITOR_METRICS_PORT")
 
     return aio.run(main(config, once=bool(args.once)))
 

@@ -15,6 +15,9 @@ def _configure_api(parser: argparse.ArgumentParser) -> None:
 
 
 def _api(config: Config, args: argparse.Namespace) -> int:
+    from infra.addresses import ensure_free
+
+    ensure_free(config.host, config.api_port, "KIZO_API_PORT")
     from infra.metrics import use_multiprocess_dir
 
     workers = config.api_workers if args.workers is None else args.workers

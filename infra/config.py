@@ -455,7 +455,7 @@ class Config:
             redis_port=_int(env, "KIZO_REDIS_PORT", 16379, low=1, high=65535),
             api_port=_int(env, "KIZO_API_PORT", 8000, low=1, high=65535),
             bank_port=_int(env, "KIZO_BANK_PORT", 8100, low=1, high=65535),
-            proxy_api_port=_int(env, "KIZO_PROXY_API_PORT", 8474, low=1, high=65535),
+            proxy_api_port=_int(env, "KIZO_PROXY_API_PORT", 8474, low=0, high=65535),
             chaos_metrics_port=_int(env, "KIZO_CHAOS_METRICS_PORT", 0, low=0, high=65535),
             grafana_url=env.get("KIZO_GRAFANA_URL", ""),
             grafana_token=env.get("KIZO_GRAFANA_TOKEN", ""),

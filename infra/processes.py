@@ -7,6 +7,7 @@ run, in what order, how one is started (and counted as started), and how they st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -14,16 +15,24 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import asyncpg
 
 from engine import ensure_system_accounts
+from infra.addresses import AddressInUse
 from infra.config import Config
 from infra.metrics import Target
 from infra.migrate import migrate
-from infra.readiness import http_probe, wait_ready
-from infra.servers import EmbeddedPostgres, EmbeddedValkey, die_with_parent, stop_process
+from infra.ports import bindable
+from infra.readiness import NotReady, http_probe, wait_ready
+from infra.servers import (
+    EmbeddedPostgres,
+    EmbeddedValkey,
+    ServerError,
+    die_with_parent,
+    stop_process,
+)
 
 CHILD_START_TIMEOUT_S = 30.0
 CHILD_STOP_TIMEOUT_S = 20.0
@@ -152,6 +161,9 @@ def stop_children(
             _stop_child(proc)
 
 
+SERVER_START_ATTEMPTS_MAX = 3  # a picked port someone outside infra.ports took: pick again
+
+
 def start_servers(
     config: Config,
     stack: ExitStack,
@@ -159,27 +171,65 @@ def start_servers(
     *,
     scratch: bool = False,
     started: dict[str, EmbeddedPostgres | EmbeddedValkey] | None = None,
+    pick_port: Callable[[], int] | None = None,
 ) -> Config:
     """Start the embedded servers the config asks for, each serving before this returns; they
     stop when ``stack`` closes (a server that failed to start included), and ``scratch``
     servers' data is deleted then too. Returns the config with their URLs; ``started`` gets
-    the servers by name (postgres, valkey), for chaos scenarios that crash them."""
+    the servers by name (postgres, valkey), for chaos scenarios that crash them. With
+    ``pick_port``, a server whose port turns out taken starts again on a new pick (bounded)."""
     if config.embedded_postgres:
-        pg = EmbeddedPostgres(config.pg_data_dir, config.pg_port, fsync=config.pg_fsync)
-        if scratch:
-            stack.callback(pg.remove_data)
-        stack.callback(pg.stop)
-        say(f"starting PostgreSQL (data in {pg.data_dir})")
-        pg.start()
+
+        def postgres(port: int) -> EmbeddedPostgres:
+            pg = EmbeddedPostgres(config.pg_data_dir, port, fsync=config.pg_fsync)
+            if scratch:
+                stack.callback(pg.remove_data)
+            stack.callback(pg.stop)
+            say(f"starting PostgreSQL (data in {pg.data_dir})")
+            return pg
+
+        pg = _start_on_a_port(postgres, config.pg_port, "KIZO_PG_PORT", pick_port)
         if started is not None:
             started["postgres"] = pg
-        config = config.with_urls(pg.url(), config.redis_url)
+        config = dataclasses.replace(config.with_urls(pg.url(), config.redis_url), pg_port=pg.port)
     if config.embedded_redis:
-        valkey = EmbeddedValkey(config.redis_data_dir, config.redis_port)
-        stack.callback(valkey.stop)
-        say(f"starting Valkey (data in {valkey.data_dir})")
-        valkey.start()
+
+        def valkey(port: int) -> EmbeddedValkey:
+            server = EmbeddedValkey(config.redis_data_dir, port)
+            stack.callback(server.stop)
+            say(f"starting Valkey (data in {server.data_dir})")
+            return server
+
+        redis = _start_on_a_port(valkey, config.redis_port, "KIZO_REDIS_PORT", pick_port)
         if started is not None:
-            started["valkey"] = valkey
-        config = config.with_urls(config.pg_url(), valkey.url())
+            started["valkey"] = redis
+        config = dataclasses.replace(config.with_urls(config.pg_url(), redis.url()),
+                                     redis_port=redis.port)  # fmt: skip
     return config
+
+
+_Server = TypeVar("_Server", EmbeddedPostgres, EmbeddedValkey)
+
+
+def _start_on_a_port(
+    make: Callable[[int], _Server], port: int, variable: str,
+    pick_port: Callable[[], int] | None,
+) -> _Server:  # fmt: skip
+    """``make(port).start()``; again on a fresh pick while the failure was a taken port. Out
+    of picks (or without them), a taken port is ``AddressInUse`` naming ``variable``."""
+    for attempt in range(1, SERVER_START_ATTEMPTS_MAX + 1):
+        server = make(port)
+        try:
+            server.start()
+            return server
+        except AddressInUse as exc:
+            if pick_port is None or attempt == SERVER_START_ATTEMPTS_MAX:
+                raise exc.for_variable(variable) from None
+        except (ServerError, NotReady):
+            # Lost the port between the check and the server's own bind.
+            taken = not bindable(server.host, port)
+            if pick_port is None or not taken or attempt == SERVER_START_ATTEMPTS_MAX:
+                raise
+        server.stop()
+        port = pick_port()
+    raise AssertionError("unreachable: the last attempt returns or raises")

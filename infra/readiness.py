@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import redis
 
+from infra.ports import reported_port
+
 READY_TIMEOUT_S = 30.0
 READY_POLL_S = 0.05
 PROBE_TIMEOUT_S = 2.0
@@ -119,6 +121,29 @@ def postgres_probe(psql: Path, host: str, port: int) -> Probe:
         return lines[-1] if lines else f"psql exited with code {done.returncode}"
 
     return probe
+
+
+def wait_reported_port(
+    run_dir: Path,
+    name: str,
+    *,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+    timeout_s: float = READY_TIMEOUT_S,
+) -> int:
+    """The port a child that bound port 0 reported (``infra.ports.report_port``), once it has;
+    the same bounded loop, so a child that exits first is named with its log."""
+    found: list[int] = []
+
+    def probe() -> str | None:
+        port = reported_port(run_dir, name)
+        if port is None:
+            return f"no {name}.port in {run_dir} yet"
+        found.append(port)
+        return None
+
+    wait_ready(f"{name} (its port)", probe, proc=proc, log=log, timeout_s=timeout_s)
+    return found[-1]
 
 
 def wait_http(

@@ -15,18 +15,18 @@ import contextlib
 import ctypes
 import importlib.util
 import os
-import random
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from infra import pg_home
+from infra import pg_home, ports
+from infra.addresses import AddressInUse
 from infra.readiness import postgres_probe, redis_probe, wait_ready
 
 START_TIMEOUT_S = 30.0
@@ -55,36 +55,11 @@ def valkey_binary() -> Path:
     return Path(executable)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-# Where free_port_run looks: below Linux's default ephemeral range (32768-60999), so the ports
-# the kernel hands out for port 0 (free_port, outgoing connections) never land in a run.
-PORT_RUN_LOW, PORT_RUN_HIGH = 20_000, 32_000
-
-
-def free_port_run(count: int, host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
-    """The first of ``count`` consecutive free ports (none in ``avoid``): for processes that
-    serve on a base port plus their index (``kizo up``'s workers)."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(PORT_RUN_LOW, PORT_RUN_HIGH - count)
-        run = range(base, base + count)
-        if not set(run) & set(avoid) and all(_bindable(host, port) for port in run):
-            return base
-    raise OSError(f"no run of {count} free ports on {host}")
-
-
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
+# Ports for children are picked and claimed across processes in infra.ports (see there why
+# port 0 is not used); the names stay importable from here, where the servers are.
+free_port = ports.free_port
+free_port_run = ports.free_port_run
+PORT_RUN_LOW, PORT_RUN_HIGH = ports.PORT_RUN_LOW, ports.PORT_RUN_HIGH
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
@@ -177,8 +152,8 @@ class EmbeddedPostgres(ServerProcess):
             bin_dir = pg_home.system_bin_dir(bin_dir, self.system_dir)
         data = self._init_data_dir(bin_dir, user)
         self._stop_leftover(data)
-        if port_open(self.host, self.port):
-            raise ServerError(f"port {self.host}:{self.port} is already in use")
+        if not ports.bindable(self.host, self.port):
+            raise AddressInUse(self.host, self.port)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
@@ -308,8 +283,8 @@ class EmbeddedValkey(ServerProcess):
     def start(self) -> None:
         """Start the server; return once it answers PING."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if port_open(self.host, self.port):
-            raise ServerError(f"port {self.host}:{self.port} is already in use")
+        if not ports.bindable(self.host, self.port):
+            raise AddressInUse(self.host, self.port)
         persistence = (
             ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1"]
             if self.persist

@@ -22,6 +22,7 @@ import httpx
 
 from infra.config import Config
 from infra.devsecrets import scratch_env
+from infra.ports import reserve_ports
 from infra.processes import (
     Child,
     children,
@@ -32,7 +33,7 @@ from infra.processes import (
     stop_children,
     wait_child,
 )
-from infra.servers import EmbeddedPostgres, EmbeddedValkey, free_port, free_port_run
+from infra.servers import EmbeddedPostgres, EmbeddedValkey, free_port
 
 LOG_TAIL_LINES = 15
 # Processes that never go through the fault proxy: the proxy itself, and the bank (the outside
@@ -179,11 +180,13 @@ def _quiet(_message: str) -> None:
 WORKERS_PORTS = 64  # KIZO_WORKERS' bound: worker i serves /metrics on the base port + i
 
 
-def _scratch_ports() -> dict[str, str]:
-    """A free port for each server, and for the workers' metrics a run of free ports that no
-    other port falls in (with port 0's sequential picks, base + 1 was often the next one's)."""
-    ports = {name: free_port() for name in PORT_VARIABLES if name != "KIZO_WORKER_METRICS_PORT"}
-    base = free_port_run(WORKERS_PORTS, avoid=ports.values())
+def _scratch_ports(stack: ExitStack) -> dict[str, str]:
+    """A port for each server, and for the workers' metrics a run of ports, each claimed in
+    ``infra.ports`` until ``stack`` closes (after the servers stop: a crashed server restarts
+    on its own port, which no other picker can take meanwhile)."""
+    ports = {name: stack.enter_context(reserve_ports(1)) for name in PORT_VARIABLES
+             if name != "KIZO_WORKER_METRICS_PORT"}  # fmt: skip
+    base = stack.enter_context(reserve_ports(WORKERS_PORTS))
     return {**{k: str(v) for k, v in ports.items()}, "KIZO_WORKER_METRICS_PORT": str(base)}
 
 
@@ -201,7 +204,7 @@ def scratch_system(
         env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
         env |= {
             "KIZO_HOME": home,
-            **_scratch_ports(),
+            **_scratch_ports(stack),
             "KIZO_PROXY_FILE": "none",  # its proxies' fixed ports could clash; add them by API
             **scratch_env(Path(home)),  # its own secrets; the marker that allows KIZO_MUTATION
             **(overrides or {}),
@@ -209,9 +212,16 @@ def scratch_system(
         # The stack stops what started, and the temporary home goes, even when a start fails.
         servers: dict[str, EmbeddedPostgres | EmbeddedValkey] = {}
         config = start_servers(Config.from_env(env), stack, say=_quiet, scratch=True,
-                               started=servers)  # fmt: skip
+                               started=servers, pick_port=lambda: stack.enter_context(
+                                   reserve_ports(1)))  # fmt: skip
         asyncio.run(prepare_database(config.pg_url(), config.ledger.currency))
-        env |= {"DATABASE_URL": config.pg_url(), "REDIS_URL": config.valkey_url()}
+        env |= {
+            "DATABASE_URL": config.pg_url(),
+            "REDIS_URL": config.valkey_url(),
+            # A server started again on a new pick (a taken port) moved: say where.
+            "KIZO_PG_PORT": str(config.pg_port),
+            "KIZO_REDIS_PORT": str(config.redis_port),
+        }
         logs = Path(home) / "logs"
         logs.mkdir()
         procs: list[tuple[Child, subprocess.Popen[bytes]]] = []

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+from infra.addresses import AddressInUse
 from infra.commands import Command, UsageError
 from infra.config import Config, ConfigError
 
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(config, args))
     except (ConfigError, UsageError) as exc:
         print(f"kizo: {exc}", file=sys.stderr)
+        return 2
+    except AddressInUse as exc:
+        print(f"kizo {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 from infra import prometheus
+from infra.addresses import AddressInUse, ensure_free
 from infra.commands import Command
 from infra.config import Config
 from infra.devsecrets import up_env
@@ -35,6 +39,9 @@ from infra.processes import (
 )
 from infra.readiness import NotReady
 from infra.servers import ServerError
+
+# The fault proxy's shipped file (chaos.proxy.server.PROXIES_FILE, named, not imported).
+PROXIES_FILE = Path(__file__).resolve().parents[1] / "toxiproxy" / "toxiproxy.json"
 
 
 class _Stop(Exception):
@@ -54,6 +61,7 @@ def run_up(config: Config, *, exit_after_ready: bool = False) -> int:
     with ExitStack() as stack:
         stack.callback(remove_targets, targets)
         try:
+            _check_addresses(config)  # every address up front: a taken one starts nothing
             secrets_env = up_env(config)  # infra/devsecrets.py: never a known pepper or no key
             config = start_servers(config, stack)
             applied = asyncio.run(prepare_database(config.pg_url(), config.ledger.currency))
@@ -73,6 +81,9 @@ def run_up(config: Config, *, exit_after_ready: bool = False) -> int:
         except _Stop as stop:
             say_up(f"{stop} received, stopping")
             return 0
+        except AddressInUse as exc:
+            print(f"kizo up: {exc}", file=sys.stderr)
+            return 2
         except Exception as exc:
             say_up(f"error: {exc}")
             return 1
@@ -82,6 +93,41 @@ def run_up(config: Config, *, exit_after_ready: bool = False) -> int:
             stop_children(procs)
             say_up("stopping servers")
     return 0
+
+
+def _addresses(config: Config) -> list[tuple[str, int, str]]:
+    """(host, port, the setting that moves it) of everything ``kizo up`` binds except the
+    embedded servers, which check their own after stopping a leftover of their data dir."""
+    host, p = config.host, config.pipeline
+    wanted = [(host, config.proxy_api_port, "KIZO_PROXY_API_PORT"),
+              (host, config.bank_port, "KIZO_BANK_PORT"),
+              *((host, p.worker_metrics_port + i, "KIZO_WORKER_METRICS_PORT")
+                for i in range(config.workers)),
+              (host, p.janitor_metrics_port, "KIZO_JANITOR_METRICS_PORT"),
+              (host, config.api_port, "KIZO_API_PORT")]  # fmt: skip
+    wanted += [(h, port, "KIZO_PROXY_FILE") for h, port in _proxy_listens(config)]
+    if config.prometheus_port and prometheus.binary("prometheus") is not None:
+        wanted.append((host, config.prometheus_port, "KIZO_PROMETHEUS_PORT (0: none)"))
+    return wanted
+
+
+def _proxy_listens(config: Config) -> list[tuple[str, int]]:
+    """The listen addresses of the fault proxy's file, read as plain JSON (the supervisor never
+    loads the harness); a file it cannot read is the proxy's to report."""
+    if config.proxy_file.lower() == "none":
+        return []
+    path = Path(config.proxy_file) if config.proxy_file else PROXIES_FILE
+    try:
+        specs = json.loads(path.read_text())
+        listens = [str(s["listen"]) for s in specs if s.get("enabled", True)]
+        return [(h or "0.0.0.0", int(port)) for h, _, port in (a.rpartition(":") for a in listens)]  # noqa: S104
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return []
+
+
+def _check_addresses(config: Config) -> None:
+    for host, port, variable in _addresses(config):
+        ensure_free(host, port, variable)
 
 
 def _redact(url: str) -> str:

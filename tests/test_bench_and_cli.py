@@ -308,6 +308,8 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()  # a failed assertion above must not leave the pipe to the GC
         home_mode = stat.S_IMODE(Path(home).stat().st_mode)
         loaded = recorded_modules(records, proc.pid)
         EmbeddedPostgres(Path(home) / "pgdata", 0).remove_data()

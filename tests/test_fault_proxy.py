@@ -17,6 +17,7 @@ import redis
 import toxiproxy.api
 import toxiproxy.exceptions
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from toxiproxy.server import Toxiproxy
 
 from chaos.proxy.core import Collection
@@ -185,6 +186,77 @@ async def test_a_clean_proxy_passes_bytes_both_ways_and_counts_them(harness: Har
     assert f'kizo_proxy_bytes_total{{proxy="echo",stream="upstream"}} {float(len(big))}' in metrics
 
 
+TOXIPROXY_METRICS = ("toxiproxy_proxy_received_bytes", "toxiproxy_proxy_sent_bytes")
+METRICS_SETTLE_S = 5.0  # a relay thread counts a write just after the peer may have read it
+
+
+def _toxiproxy_counts(text: str) -> dict[tuple[str, str, tuple[tuple[str, str], ...]], float]:
+    """(metric, direction, the other labels) -> value, of Toxiproxy's byte counters."""
+    counts = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if family.name in TOXIPROXY_METRICS and sample.name.endswith("_total"):
+                labels = dict(sample.labels)
+                counts[(family.name, labels.pop("direction"), tuple(sorted(labels.items())))] = (
+                    sample.value
+                )
+    return counts
+
+
+async def _settled_counts(
+    harness: Harness, want: dict[str, float]
+) -> tuple[dict[str, float], set[tuple[tuple[str, str], ...]]]:
+    """Toxiproxy's byte counters (metric/direction -> bytes) once those in ``want`` match it
+    (bounded: then as they are), and the label sets they carry besides the direction."""
+    deadline = trio.current_time() + METRICS_SETTLE_S
+    while True:
+        answer = await harness.api.get("/metrics")
+        assert answer.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        counts = _toxiproxy_counts(answer.text)
+        got = {f"{name}/{direction}": value for (name, direction, _), value in counts.items()}
+        settled = all(got.get(key) == value for key, value in want.items())
+        if settled or trio.current_time() > deadline:
+            return got, {labels for _, _, labels in counts}
+        await trio.sleep(0.05)
+
+
+def _series(port: int, harness: Harness) -> tuple[tuple[str, str], ...]:
+    return (("listener", f"127.0.0.1:{port}"), ("proxy", "echo"),
+            ("upstream", f"127.0.0.1:{harness.echo_port}"))  # fmt: skip
+
+
+@pytest.mark.trio
+async def test_toxiproxys_byte_counters_count_each_direction_exactly(harness: Harness) -> None:
+    port = await harness.proxy()
+    big = bytes(range(256)) * 1024  # 256 KiB: several chunks, through the relay threads
+    small = b"and a few more"
+    assert (await _round_trip(port, big))[0] == big
+    assert (await _round_trip(port, small))[0] == small
+    both = float(len(big) + len(small))
+    want = {f"{m}/{d}": both for m in TOXIPROXY_METRICS for d in ("upstream", "downstream")}
+    got, labels = await _settled_counts(harness, want)
+    assert got == want
+    assert labels == {_series(port, harness)}
+    # Toxiproxy's own e2e check greps this line (its scripts/test-e2e, listener resolved).
+    line = (f'toxiproxy_proxy_sent_bytes_total{{direction="downstream",listener="127.0.0.1:{port}"'
+            f',proxy="echo",upstream="127.0.0.1:{harness.echo_port}"}} ')  # fmt: skip
+    assert line in (await harness.api.get("/metrics")).text
+
+
+@pytest.mark.trio
+async def test_limit_data_shows_as_received_but_not_sent(harness: Harness) -> None:
+    port = await harness.proxy(type="limit_data", stream="upstream", attributes={"bytes": 10})
+    stream = await _connect(port)
+    await stream.send_all(b"x" * 100)
+    with trio.fail_after(5):
+        while await stream.receive_some(1000):
+            pass  # the echo of what passed, if it got back before the close
+    await stream.aclose()
+    received, sent = (f"{m}/upstream" for m in TOXIPROXY_METRICS)
+    got, _ = await _settled_counts(harness, {received: 100.0, sent: 10.0})
+    assert (got[received], got[sent]) == (100.0, 10.0), "read all, passed on only the limit"
+
+
 @pytest.mark.trio
 async def test_latency_delays_each_answer_and_toxicity_zero_never_applies(
     harness: Harness,
@@ -329,23 +401,22 @@ async def test_valkey_through_the_proxy_under_latency_and_reset(
     body = {"name": "redis", "listen": "127.0.0.1:0", "upstream": upstream}
     r = await harness.api.post("/proxies", json=body)
     port = int(r.json()["listen"].rsplit(":", 1)[1])
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    with redis.Redis(host="127.0.0.1", port=port, socket_timeout=5) as client:
 
-    def ping() -> float:
-        started = time.monotonic()
-        assert client.ping() is True
-        return time.monotonic() - started
+        def ping() -> float:
+            started = time.monotonic()
+            assert client.ping() is True
+            return time.monotonic() - started
 
-    assert await trio.to_thread.run_sync(ping) < 5
-    await harness.api.post("/proxies/redis/toxics",
-                           json={"type": "latency", "attributes": {"latency": 200}})  # fmt: skip
-    assert await trio.to_thread.run_sync(ping) >= 0.2
-    await harness.api.post("/reset")
-    reset = {"type": "reset_peer", "attributes": {"timeout": 0}}
-    await harness.api.post("/proxies/redis/toxics", json=reset)
-    with pytest.raises(redis.ConnectionError):
-        await trio.to_thread.run_sync(client.ping)
-    client.close()
+        assert await trio.to_thread.run_sync(ping) < 5
+        latency = {"type": "latency", "attributes": {"latency": 200}}
+        await harness.api.post("/proxies/redis/toxics", json=latency)
+        assert await trio.to_thread.run_sync(ping) >= 0.2
+        await harness.api.post("/reset")
+        reset = {"type": "reset_peer", "attributes": {"timeout": 0}}
+        await harness.api.post("/proxies/redis/toxics", json=reset)
+        with pytest.raises(redis.ConnectionError):
+            await trio.to_thread.run_sync(client.ping)
 
 
 def test_the_shipped_proxy_definitions_load() -> None:

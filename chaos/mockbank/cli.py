@@ -27,9 +27,11 @@ def _serve(config: Config, _args: argparse.Namespace) -> int:
     from chaos.mockbank.server import ServeError, configure_logging, serve
     from chaos.mockbank.settings import settings_from_env
     from infra import aio
+    from infra.addresses import ensure_free
     from infra.migrate import MigrationError
 
     settings = settings_from_env(config, os.environ)
+    ensure_free(settings.host, settings.port, "KIZO_BANK_PORT")
     configure_logging()
     try:
         aio.run(serve(settings))

@@ -43,13 +43,15 @@ class Outcome(Enum):
 class Relay:
     """Moves bytes from ``source_fd`` to ``sink_fd`` (both non-blocking sockets) until the
     source ends, the sink breaks, or ``stop`` is called. ``count(n)`` is called from the hub
-    after every write of ``n`` bytes."""
+    after every write of ``n`` bytes, ``count_read(n)`` after every read."""
 
     def __init__(self, source_fd: int, sink_fd: int, chunk_max: int,
-                 count: Callable[[int], None]) -> None:  # fmt: skip
+                 count: Callable[[int], None],
+                 count_read: Callable[[int], None] = lambda _n: None) -> None:  # fmt: skip
         self.source_fd, self.sink_fd = source_fd, sink_fd
         self.chunk_max = chunk_max
         self.count = count
+        self.count_read = count_read
         self.stopping = False
         self.pending = b""  # a chunk's tail the sink could not take yet
         self.sink_dup: int | None = None  # registered for EPOLLOUT while ``pending``
@@ -170,6 +172,7 @@ class _Loop:
             return Outcome.EOF, b""  # reset by the peer: as an end of stream
         if size == 0:
             return Outcome.EOF, b""
+        relay.count_read(size)  # counted once: a chunk handed back is not read again
         if relay.stopping:  # a toxic may have arrived while we read: let trio judge it
             return Outcome.HANDED_BACK, bytes(view[:size])
         return self._write(relay, view[:size])

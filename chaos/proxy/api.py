@@ -13,7 +13,7 @@
     DELETE /proxies/{proxy}/toxics/{t}   remove (204)
     POST   /reset                        every proxy enabled, every toxic removed (204)
     GET    /version                      {"version": ...}
-    GET    /metrics                      Prometheus text (ours; Toxiproxy's has other names)
+    GET    /metrics                      Prometheus text: Toxiproxy's proxy metrics, and ours
 
 Every answer is Toxiproxy 2.12.0's, bytes included (api.go): compact JSON without a newline and
 "application/json"; errors are {"error", "status"} + newline as "text/plain; charset=utf-8"
@@ -47,6 +47,8 @@ BODY_MAX = 1024 * 1024
 READ_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 60.0
 TEXT = "text/plain; charset=utf-8"
+# What Toxiproxy's /metrics (Go's promhttp, text format) answers a scraper with.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass
@@ -324,7 +326,7 @@ async def serve_connection(stream: trio.SocketStream, collection: Collection,
             headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
             method, target = request.method.decode(), request.target.decode("latin-1")
             if method == "GET" and target.split("?", 1)[0] == "/metrics":
-                await _send(stream, conn, 200, metrics(), "text/plain; version=0.0.4")
+                await _send(stream, conn, 200, metrics(), METRICS_CONTENT_TYPE)
             else:
                 answer = await dispatch(collection, method, target,
                                         headers.get("user-agent", ""), body)  # fmt: skip

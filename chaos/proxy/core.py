@@ -70,14 +70,22 @@ _EOF = object()
 
 @dataclass
 class Counters:
+    """Per stream: ``received``, bytes read from its source; ``bytes``, bytes written to its
+    sink (Toxiproxy's received and sent: they differ by what a toxic held back or cut)."""
+
     accepted: int = 0
     bytes: dict[str, int] = field(default_factory=lambda: {"upstream": 0, "downstream": 0})
-    # Relay threads add to ``bytes`` too: an unlocked ``+=`` could lose an update.
+    received: dict[str, int] = field(default_factory=lambda: {"upstream": 0, "downstream": 0})
+    # Relay threads add to both too: an unlocked ``+=`` could lose an update.
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, stream: str, size: int) -> None:
         with self._lock:
             self.bytes[stream] += size
+
+    def add_received(self, stream: str, size: int) -> None:
+        with self._lock:
+            self.received[stream] += size
 
 
 class _Closed(Exception):
@@ -190,6 +198,7 @@ class Link:
                         continue  # woken to judge again: nothing was read
                     data = read
                     more = len(data) == size_max
+                    self.proxy.counters.add_received(stream, len(data))
                 except OSError:
                     break  # reset by the peer: as an end of stream
                 if not data:
@@ -238,8 +247,10 @@ class Link:
         borrower = (self, stream)
         self.proxy.relays.acquire_on_behalf_of_nowait(borrower)
         try:
+            counters = self.proxy.counters
             relay = Relay(source_fd, sink_fd, DIRECT_CHUNK_MAX,
-                          functools.partial(self.proxy.counters.add, stream))  # fmt: skip
+                          functools.partial(counters.add, stream),
+                          functools.partial(counters.add_received, stream))  # fmt: skip
             self._relays[stream] = relay
             try:
                 return await run_relay(relay)

@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from chaos.proxy import model
 from chaos.proxy.api import resolved_listen, serve_connection
 from chaos.proxy.core import Collection
+from infra.addresses import AddressInUse, is_in_use
 
 PROXIES_FILE = Path(__file__).resolve().parents[2] / "toxiproxy" / "toxiproxy.json"
 
@@ -31,17 +32,30 @@ class _ProxyMetrics(Collector):
         by_type = GaugeMetricFamily("kizo_proxy_toxics_active", "Toxics in place by type",
                                     labels=["proxy", "type"])  # fmt: skip
         enabled = GaugeMetricFamily("kizo_proxy_enabled", "1 when listening", labels=["proxy"])
+        # Toxiproxy's own (its collectors/proxy.go, labels in the order Go sorts them), so its
+        # dashboards and checks read this proxy too. It adds a link's bytes when the link ends;
+        # these count as the bytes move, and agree with it once the connections have closed.
+        labels = ["direction", "listener", "proxy", "upstream"]
+        received = CounterMetricFamily(
+            "toxiproxy_proxy_received_bytes", "Bytes read from the source side", labels=labels
+        )
+        passed = CounterMetricFamily(
+            "toxiproxy_proxy_sent_bytes", "Bytes written to the destination side", labels=labels
+        )
         for name, proxy in self.collection.proxies.items():
             accepted.add_metric([name], proxy.counters.accepted)
             for stream, n in proxy.counters.bytes.items():
                 sent.add_metric([name, stream], n)
+                series = [stream, proxy.spec.listen, name, proxy.spec.upstream]
+                received.add_metric(series, proxy.counters.received[stream])
+                passed.add_metric(series, n)
             toxics.add_metric([name], len(proxy.toxics))
             # Every type, 0 when absent: a fault window's end is a 0, not a vanished series.
             present = Counter(toxic.type for toxic in proxy.toxics)
             for kind in model.TOXIC_TYPES:
                 by_type.add_metric([name, kind], present[kind])
             enabled.add_metric([name], 1 if proxy.enabled else 0)
-        yield from (accepted, sent, toxics, by_type, enabled)
+        yield from (accepted, sent, toxics, by_type, enabled, received, passed)
 
 
 def load_specs(path: Path) -> list[model.ProxySpec]:
@@ -53,7 +67,26 @@ def load_specs(path: Path) -> list[model.ProxySpec]:
 async def serve(host: str, port: int, specs: Sequence[model.ProxySpec], seed: int = 0,
                 *, task_status: trio.TaskStatus[tuple[Collection, int]]
                 = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
-    """Serve until cancelled; ``task_status`` gets the collection and the API's bound port."""
+    """Serve until cancelled; ``task_status`` gets the collection and the API's bound port.
+    The API's address is bound first, outside any nursery: taken, it is one ``AddressInUse``
+    (not an exception group), and no proxy has started."""
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        if is_in_use(exc):
+            raise AddressInUse(host, port, "KIZO_PROXY_API_PORT") from None
+        raise
+    try:
+        await _serve_on(listeners, specs, seed, task_status)
+    finally:
+        with trio.CancelScope(shield=True):  # closed here, never left to the collector
+            for listener in listeners:
+                await listener.aclose()
+
+
+async def _serve_on(listeners: list[trio.SocketListener], specs: Sequence[model.ProxySpec],
+                    seed: int, task_status: trio.TaskStatus[tuple[Collection, int]],
+                    ) -> None:  # fmt: skip
     async with trio.open_nursery() as nursery:
         collection = Collection(nursery, seed)
         for spec in specs:
@@ -64,7 +97,6 @@ async def serve(host: str, port: int, specs: Sequence[model.ProxySpec], seed: in
         async def handle(stream: trio.SocketStream) -> None:
             await serve_connection(stream, collection, lambda: generate_latest(registry))
 
-        listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         task_status.started((collection, bound))
         await trio.serve_listeners(handle, listeners)
