@@ -33,7 +33,7 @@ from infra.processes import (
     stop_children,
     wait_child,
 )
-from infra.servers import EmbeddedPostgres, EmbeddedValkey, free_port
+from infra.servers import EmbeddedPostgres, EmbeddedValkey
 
 LOG_TAIL_LINES = 15
 # Processes that never go through the fault proxy: the proxy itself, and the bank (the outside
