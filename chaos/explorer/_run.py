@@ -1,0 +1,98 @@
+"""The explorer's one way into the runner: a scenario run on a scratch system, judged as
+``kizo chaos run`` judges it, and told apart: a money violation, a run whose steps did not run
+as planned, a system not steady before the method, or a run that could not be made at all.
+
+One scratch system serves run after run while they pass (each run's workload signs up its own
+users and the checker judges only them); a run that did not pass retires it, and the next run
+starts a fresh one, so a broken ledger or a half-healed system never judges the next."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from chaos import cli
+from chaos import scenario as scenarios
+from chaos.explorer._faults import Vocabulary
+from chaos.scenario import Scenario
+from infra.system import System, scratch_system
+
+SHOWN_MAX = 5
+HYPOTHESIS_RULE = "hypothesis"
+UNSTEADY_BEFORE = "not in steady state before"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kind: str  # pass | violation | steps_failed | unsteady | error
+    rules: tuple[str, ...] = ()  # the checker's rules that fired, "hypothesis" for a deviation
+    seconds: float = 0.0  # the run's, with the system's start when it needed one
+    fresh: bool = False  # a scratch system was started for it
+    shown: tuple[str, ...] = ()  # the first violations, step failures or the error
+
+
+def vocabulary() -> Vocabulary:
+    """What a run's system has, read now: chaos.scenario.PROXIES, the workers the chaos runs
+    start (KIZO_WORKERS, 1 unless set), the API, the janitor and the bank."""
+    workers = int(cli.CHAOS_OVERRIDES.get("KIZO_WORKERS", "1"))
+    processes = (*(f"worker-{i}" for i in range(workers)), "api", "janitor", "bank")
+    return Vocabulary(tuple(scenarios.PROXIES), processes, tuple(sorted(scenarios.SERVERS)))
+
+
+def judge(report: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """(kind, rules, shown) of a report: the checker's violations first (money is money, late
+    steps or not), then steps that did not run as planned, then the hypothesis."""
+    hypothesis = (report.get("hypothesis") or {}).get("failed") or []
+    after = [d for d in hypothesis if not d.startswith(UNSTEADY_BEFORE)]
+    if report["violations"]:
+        rules = tuple(sorted(report["violation_rules"])) + ((HYPOTHESIS_RULE,) if after else ())
+        return "violation", rules, tuple(report["violations_shown"][:SHOWN_MAX])
+    if report["steps_failed"]:
+        return "steps_failed", (), tuple(report["steps_failed"][:SHOWN_MAX])
+    if after:
+        return "violation", (HYPOTHESIS_RULE,), tuple(after[:SHOWN_MAX])
+    if hypothesis:
+        return "unsteady", (), tuple(hypothesis[:SHOWN_MAX])
+    return "pass", (), ()
+
+
+class Runner:
+    """Runs scenarios on the ``mutation``'s build, on one scratch system while runs pass."""
+
+    def __init__(self, mutation: str) -> None:
+        self.mutation = mutation
+        self._stack = contextlib.ExitStack()
+        self._system: System | None = None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        self.retire()
+
+    def retire(self) -> None:
+        """Stop the system (the next run starts a fresh one)."""
+        self._system = None
+        self._stack.close()
+
+    def run(self, scenario: Scenario, seed: int) -> Verdict:
+        started = time.monotonic()
+        fresh = self._system is None
+        try:
+            if self._system is None:
+                overrides = cli.system_overrides(self.mutation, scenario)
+                self._system = self._stack.enter_context(scratch_system(overrides, True))
+            report = cli.run_on(self._system, scenario.workload, scenario, seed, self.mutation)
+        except Exception as exc:  # one broken run (a start that failed...): named, not fatal
+            self.retire()
+            first = (str(exc).splitlines() or [""])[0][:200]
+            return Verdict("error", (), round(time.monotonic() - started, 1), fresh,
+                           (f"{type(exc).__name__}: {first}",))  # fmt: skip
+        kind, rules, shown = judge(report)
+        if kind != "pass":
+            self.retire()
+        return Verdict(kind, rules, round(time.monotonic() - started, 1), fresh, shown)
