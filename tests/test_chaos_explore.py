@@ -230,7 +230,7 @@ def _kizo_chaos(*args: str, timeout_s: float = 60) -> subprocess.CompletedProces
 # payment reaches the bank under a key no transaction has: docs/chaos.md, "Explorer"); seed 10's
 # first timeline has four fault windows, so the file is small only if the shrinker works.
 EXPLORE_SEED = 10
-EXPLORE_BUDGET_S = 80
+EXPLORE_BUDGET_S = 120
 
 
 @pytest.mark.slow

@@ -78,6 +78,11 @@ class Runner:
                  tb: TracebackType | None) -> None:  # fmt: skip
         self.retire()
 
+    @property
+    def up(self) -> bool:
+        """Whether the next run finds a system up (else it starts one)."""
+        return self._system is not None
+
     def retire(self) -> None:
         """Stop the system (the next run starts a fresh one)."""
         self._system = None
