@@ -75,6 +75,7 @@ class Kind:
     draw: Callable[[random.Random, Window], Window] = lambda _rng, w: w  # its parameters
     simpler: Callable[[Window], Iterator[Window]] = lambda _w: iter(())
     exclusive: bool = True  # no two windows of the same lock overlap (see ``lock``)
+    restarts: bool = False  # its heal starts a process again and waits for it to serve
 
 
 def _toxic_draw(rng: random.Random, w: Window) -> Window:
@@ -162,11 +163,13 @@ KINDS: Mapping[str, Kind] = {
                                        "faults": {k: _zero(BANK_FAULTS[k][0])
                                                   for k in BANK_FAULTS}},
                         _bank_draw, _bank_simpler),
-    "kill": Kind(1.5, lambda v: v.processes, _process("kill"), _process("restart")),
+    "kill": Kind(1.5, lambda v: v.processes, _process("kill"), _process("restart"),
+                 restarts=True),
     "pause": Kind(1.0, lambda v: v.processes, _process("pause"), _process("resume")),
-    "crash": Kind(0.5, lambda v: v.servers, _process("kill"), _process("restart")),
+    "crash": Kind(0.5, lambda v: v.servers, _process("kill"), _process("restart"),
+                  restarts=True),
     "wipe": Kind(0.5, lambda v: tuple(s for s in v.servers if s == "valkey"), _process("kill"),
-                 _process("restart", lose_data=True)),
+                 _process("restart", lose_data=True), restarts=True),
 }  # fmt: skip
 
 

@@ -26,6 +26,10 @@ STEP_S = 0.1
 # Two windows of one lock (a process, a proxy's switch) keep this far apart: a restart waits
 # for its process to serve before the next step of the same thing.
 LOCK_GAP_S = 0.5
+# A restart blocks the timeline until its process serves (seconds on a loaded machine): no
+# other step within RESTART_GAP_S after it, so that none starts later than
+# chaos.scenario.STEP_LATE_S_MAX.
+RESTART_GAP_S = 4.0
 PLACE_TRIES_MAX = 20
 # The workload, drawn small: (lowest when shrunk, lowest drawn, highest drawn).
 USERS = (2, 3, 8)
@@ -86,7 +90,20 @@ def grid(seconds: float) -> float:
 
 
 def valid_windows(windows: Iterable[Window]) -> bool:
-    """Each window inside the method and long enough; no two of one lock within LOCK_GAP_S."""
+    """Each window inside the method and long enough; no two of one lock within LOCK_GAP_S;
+    no step within RESTART_GAP_S after a restart."""
+    windows = list(windows)
+    return _placed(windows) and not any(_after_restart(w, windows) for w in windows)
+
+
+def _after_restart(w: Window, windows: list[Window]) -> bool:
+    if not KINDS[w.kind].restarts:
+        return False
+    times = [t for o in windows if o is not w for t in (o.start_s, o.end_s)]
+    return any(w.end_s - 1e-9 <= t <= w.end_s + RESTART_GAP_S for t in times)
+
+
+def _placed(windows: list[Window]) -> bool:
     held: dict[str, list[Window]] = {}
     for w in windows:
         if not (w.start_s > 0 and w.start_s + LENGTH_S_MIN <= w.end_s + 1e-9
