@@ -103,6 +103,14 @@ def test_every_generated_and_shrunk_scenario_is_a_valid_file_that_reads_back_the
         assert loaded == explorer.to_scenario(c, path.stem, "drawn\nby the test")
         assert loaded.workload == explorer.workload(c) and loaded.workload.seed == c.seed
         assert all(s.at_s <= 8.0 for s in loaded.method) and _healed(c)
+        assert _nothing_right_after_a_restart(loaded.method)
+
+
+def _nothing_right_after_a_restart(method: tuple[scenarios.Step, ...]) -> bool:
+    """A restart blocks the timeline until its process serves: what follows it within 4 s
+    would start late on a loaded machine (and fail the run without a word on money)."""
+    return all(b.at_s >= a.at_s + 4.0 for i, a in enumerate(method) if a.action == "restart"
+               for b in method[i + 1 :])  # fmt: skip
 
 
 # The shrinker against pure predicates (no system): what it keeps, and its bounds.
