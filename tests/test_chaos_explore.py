@@ -193,7 +193,12 @@ def _report(**fields: Any) -> dict[str, Any]:
         (_report(hypothesis={"failed": ["deviates after the run: audit"]}), "violation",
          ("hypothesis",)),
         (_report(hypothesis={"failed": ["not in steady state before the method (it did not "
-                                        "run): audit"]}), "unsteady", ()),
+                                        "run): audit"]}), "unsteady", ("hypothesis",)),
+        # The workload did not run: the audit's findings are the system's before the run.
+        (_report(violations=3, violation_rules={"audit:balance_mismatch": 3},
+                 hypothesis={"failed": ["not in steady state before the method (it did not "
+                                        "run): audit"]}), "unsteady",
+         ("audit:balance_mismatch", "hypothesis")),
     ],
 )  # fmt: skip
 def test_a_run_is_judged_as_kizo_chaos_run_judges_it_and_told_apart(

@@ -5,10 +5,12 @@ as planned, a system not steady before the method, or a run that could not be ma
 One scratch system serves run after run (each run's workload signs up its own users and the
 checker judges only them): starting one takes 15-25 s on a loaded 2-core machine, a run on it
 5-10 s. A run whose steps did not run as planned, or that could not be made, retires it (what
-it left is unknown); a violation does not (the broken build's damage is to the run's own
-users), but the next run's steady-state hypothesis is the guard: a system not steady before
-the method (a ledger whose audit fails, an item needing an operator) is retired and the run
-made again on a fresh one. The explorer confirms its result on a fresh system."""
+it left is unknown), and so does a violation of the whole ledger (its audit, the steady-state
+hypothesis); a violation of the run's own users does not. The next run's steady-state
+hypothesis is the guard: a system not steady before the method (a ledger whose audit fails,
+an item needing an operator) is retired and the run made again on a fresh one, where the same
+deviation is the build's own (row_locks_off loses updates in the setup's deposits). The
+explorer confirms its result on a fresh system."""
 
 from __future__ import annotations
 
@@ -47,19 +49,23 @@ def vocabulary() -> Vocabulary:
 
 
 def judge(report: dict[str, Any]) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-    """(kind, rules, shown) of a report: the checker's violations first (money is money, late
-    steps or not), then steps that did not run as planned, then the hypothesis."""
+    """(kind, rules, shown) of a report. A system not steady before the method comes first:
+    the workload did not run, so what the checker finds is the system's state before the run
+    (on a fresh system, the build's own doing: see ``Runner.run``). Then the checker's
+    violations (money is money, late steps or not), then steps that did not run as planned,
+    then the hypothesis after the run."""
     hypothesis = (report.get("hypothesis") or {}).get("failed") or []
+    before = [d for d in hypothesis if d.startswith(UNSTEADY_BEFORE)]
     after = [d for d in hypothesis if not d.startswith(UNSTEADY_BEFORE)]
+    rules = tuple(sorted(report["violation_rules"])) + ((HYPOTHESIS_RULE,) if hypothesis else ())
+    if before:
+        return "unsteady", rules, tuple(before[:SHOWN_MAX])
     if report["violations"]:
-        rules = tuple(sorted(report["violation_rules"])) + ((HYPOTHESIS_RULE,) if after else ())
         return "violation", rules, tuple(report["violations_shown"][:SHOWN_MAX])
     if report["steps_failed"]:
         return "steps_failed", (), tuple(report["steps_failed"][:SHOWN_MAX])
     if after:
-        return "violation", (HYPOTHESIS_RULE,), tuple(after[:SHOWN_MAX])
-    if hypothesis:
-        return "unsteady", (), tuple(hypothesis[:SHOWN_MAX])
+        return "violation", rules, tuple(after[:SHOWN_MAX])
     return "pass", (), ()
 
 
@@ -95,8 +101,10 @@ class Runner:
         if fresh:
             self.retire()
         verdict = self._run(scenario, seed)
-        if verdict.kind == "unsteady" and not verdict.fresh:
+        if verdict.kind == "unsteady" and not verdict.fresh:  # what an earlier run left
             verdict = self._run(scenario, seed)
+        if verdict.kind == "unsteady":  # a fresh system the build broke in the setup already
+            verdict = replace(verdict, kind="violation")
         return replace(verdict, seconds=round(time.monotonic() - started, 1))
 
     def _run(self, scenario: Scenario, seed: int) -> Verdict:
@@ -115,4 +123,6 @@ class Runner:
         kind, rules, shown = judge(report)
         if kind not in ("pass", "violation"):
             self.retire()
+        elif HYPOTHESIS_RULE in rules or any(r.startswith("audit:") for r in rules):
+            self.retire()  # the ledger itself is broken: the next run would find it so
         return Verdict(kind, rules, round(time.monotonic() - started, 1), fresh, shown)
