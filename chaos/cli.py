@@ -6,6 +6,9 @@
                                                    fault proxy (chaos/scenarios/*.toml)
     kizo chaos run --all [--seeds 1,2,3]           every scenario with each seed, then a table
     kizo chaos list                                the scenarios
+    kizo chaos explore --budget SECONDS            random fault timelines until one breaks a
+                                                   money rule, shrunk to a minimal scenario
+                                                   file (chaos.explorer)
 
 Each run writes its journal (JSON) and chart (PNG) to ``--out`` (chaos.report; default
 ``chaos-runs/<scenario>-seed<N>[-<mutation>]/``; with ``--all``, the parent of those).
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 
 VIOLATIONS_SHOWN_MAX = 20
 RUNS_DIR = Path("chaos-runs")
+EXPLORE_BUDGET_S = (10, 86_400)
 _BANK_FAULT = re.compile(r'^bank_faults_injected_total\{fault="([a-z_]+)"\} ([0-9.e+]+)$', re.M)
 # Short janitor periods, so that a run converges in seconds after the faults heal.
 CHAOS_OVERRIDES = {
@@ -56,7 +60,7 @@ CHAOS_OVERRIDES = {
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=["bank", "run", "list"], help="what to do")
+    parser.add_argument("what", choices=["bank", "run", "list", "explore"], help="what to do")
     parser.add_argument("scenario", nargs="?", help="with run: a scenario's name or .toml path")
     parser.add_argument("--seed", type=bounded_int(0, 2**31), default=1)
     parser.add_argument("--users", type=bounded_int(2, 500), default=12)
@@ -70,12 +74,22 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help=f"the run's directory (default {RUNS_DIR}/NAME-seedN)")  # fmt: skip
     parser.add_argument("--all", action="store_true", help="with run: every scenario")
     parser.add_argument("--seeds", default=None, help="with run --all: seeds, e.g. 1,2,3")
+    parser.add_argument("--budget", type=bounded_int(*EXPLORE_BUDGET_S), default=None,
+                        help="with explore: seconds of wall clock, shrinking included")  # fmt: skip
 
 
 def _chaos(_config: Config, args: argparse.Namespace) -> int:
     from chaos import scenario as scenarios
     from chaos.bank_workload import WorkloadParams
 
+    if (args.what == "explore") != (args.budget is not None):
+        raise UsageError("kizo chaos explore needs --budget SECONDS, and only it takes one")
+    if args.what == "explore":
+        from chaos import explorer
+
+        if args.scenario or args.all or args.seeds is not None:
+            raise UsageError("kizo chaos explore draws its own scenarios: no name, --all, --seeds")
+        return explorer.main(args.budget, args.seed, args.mutation, args.out, args.json)
     if args.what == "list":
         for name in scenarios.names():
             print(f"{name:<16} {scenarios.load(name, args.seed).title}")
@@ -127,19 +141,13 @@ def run(params: WorkloadParams, scenario: Scenario | None, seed: int, mutation: 
     ``KIZO_PROMETHEUS_PORT`` is 0), whose record of the run is drawn as the incident view
     beside the journal (``incident.png``), and posts the fault windows to its Grafana, if any
     (chaos.metrics)."""
-    import trio
-
     from chaos import report as journal
     from chaos.grafana import Grafana
     from chaos.metrics import serving
     from infra.processes import metrics_targets
     from infra.system import scratch_system
 
-    overrides = dict(CHAOS_OVERRIDES)
-    if mutation:
-        overrides["KIZO_MUTATION"] = mutation
-    if scenario is not None:
-        overrides.update(scenario.configuration)
+    overrides = system_overrides(mutation, scenario)
     with _prometheus(caller) as (targets_home, prometheus_url, rate_window_s):
         with scratch_system(overrides, behind_proxy=scenario is not None) as system, serving(
             scenario.name if scenario else None, len(scenario.method) if scenario else 0,
@@ -148,18 +156,42 @@ def run(params: WorkloadParams, scenario: Scenario | None, seed: int, mutation: 
             Grafana(caller.grafana_url, caller.grafana_token) if caller and caller.grafana_url
             else None,
         ) as runner:  # fmt: skip
-            probe = journal.Probe(system)
             started = time.time()
-            try:
-                report = trio.run(_execute, system, params, scenario, seed, probe, runner)
-            finally:
-                probe.stop()
-        report = {"seed": seed, "mutation": mutation or None, **report}
-        report["checker"] = journal.checker_section(report, failed(report))
+            report = run_on(system, params, scenario, seed, mutation, runner)
         if out is not None and prometheus_url is not None:
             report["incident_view"] = incident_png(prometheus_url, out, started, time.time(),
                                                    report, rate_window_s)  # fmt: skip
     return report if out is None else journal.write(report, out)
+
+
+def system_overrides(mutation: str, scenario: Scenario | None = None) -> dict[str, str]:
+    """The scratch system's settings for a run of ``scenario`` on the ``mutation``'s build."""
+    overrides = dict(CHAOS_OVERRIDES)
+    if mutation:
+        overrides["KIZO_MUTATION"] = mutation
+    if scenario is not None:
+        overrides.update(scenario.configuration)
+    return overrides
+
+
+def run_on(system: System, params: WorkloadParams, scenario: Scenario | None, seed: int,
+           mutation: str = "", runner: RunnerMetrics | None = None) -> dict[str, Any]:  # fmt: skip
+    """One run on a system already up (started with ``system_overrides``; behind the proxy
+    for a scenario): the report, its checker section included. The workload signs up its own
+    users and the checker judges only them, so one system can serve run after run while each
+    heals (chaos.explorer reuses one between clean runs)."""
+    import trio
+
+    from chaos import report as journal
+
+    probe = journal.Probe(system)
+    try:
+        report = trio.run(_execute, system, params, scenario, seed, probe, runner)
+    finally:
+        probe.stop()
+    report = {"seed": seed, "mutation": mutation or None, **report}
+    report["checker"] = journal.checker_section(report, failed(report))
+    return report
 
 
 @contextlib.contextmanager
