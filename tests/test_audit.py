@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from engine import (
     system_account,
 )
 from tests._ledger_helpers import funded, intents
+
+AUDIT_LIMIT = 100  # audit()'s default limit_per_check
 
 
 async def _ledger(pool: asyncpg.Pool) -> tuple[list[uuid.UUID], uuid.UUID, uuid.UUID]:
@@ -200,36 +203,63 @@ class Case:
     # unbalanced transaction cannot move its intent's amount from source to destination).
     fires: frozenset[str]
     detail: str = ""  # a part of the check's own finding's detail, where the query has branches
+    subject: Callable[[list[uuid.UUID], uuid.UUID], str] | None = None  # one of its subjects
 
 
 def _case(
-    check: str, corrupt: Corruption, *also: str, detail: str = "", name: str = ""
+    check: str,
+    corrupt: Corruption,
+    *also: str,
+    detail: str = "",
+    name: str = "",
+    subject: Callable[[list[uuid.UUID], uuid.UUID], str] | None = None,
 ) -> tuple[str, Case]:
     """A named case (the check's name, and a branch of it after a colon)."""
     return f"{check}:{name}" if name else check, Case(
-        check, corrupt, frozenset({check, *also}), detail
+        check, corrupt, frozenset({check, *also}), detail, subject
     )
+
+
+def _user(n: int) -> Callable[[list[uuid.UUID], uuid.UUID], str]:
+    return lambda users, _settled: str(users[n])
+
+
+def _settled(users: list[uuid.UUID], settled: uuid.UUID) -> str:
+    return str(settled)
 
 
 CASES: dict[str, Case] = dict(
     [
-        _case("transaction_unbalanced", _unbalanced, "postings_disagree_with_intent"),
+        _case(
+            "transaction_unbalanced", _unbalanced, "postings_disagree_with_intent", subject=_settled
+        ),
         _case(
             "ledger_unbalanced",
             _ledger_total,
             "transaction_unbalanced",
             "postings_disagree_with_intent",
             detail="sum to 1",
+            subject=lambda _u, _s: "ledger",
         ),
-        _case("balance_mismatch", _balance_bumped, detail="posted 901 but postings sum to 900"),
-        _case("hold_mismatch", _fake_hold, detail="pending 10 but open withdrawals hold 0"),
-        _case("negative_balance", _negative, detail="available -600"),
-        _case("balance_after_mismatch", _wrong_after),
-        _case("settled_without_postings", _settled_bare),
+        _case(
+            "balance_mismatch",
+            _balance_bumped,
+            detail="posted 901 but postings sum to 900",
+            subject=_user(0),
+        ),
+        _case(
+            "hold_mismatch",
+            _fake_hold,
+            detail="pending 10 but open withdrawals hold 0",
+            subject=_user(0),
+        ),
+        _case("negative_balance", _negative, detail="available -600", subject=_user(0)),
+        _case("balance_after_mismatch", _wrong_after, subject=_user(1)),
+        _case("settled_without_postings", _settled_bare, subject=_settled),
         _case("postings_on_unsettled", _failed_with_postings, detail="failed transaction"),
         _case("orphan_posting", _orphan, detail="missing transaction"),
         _case("orphan_posting", _orphan_account, detail="missing account", name="account"),
-        _case("postings_disagree_with_intent", _wrong_amount),
+        _case("postings_disagree_with_intent", _wrong_amount, subject=_settled),
         _case("postings_disagree_with_intent", _split, name="count"),
         _case("postings_disagree_with_intent", _repoint(0), name="source"),
         _case("postings_disagree_with_intent", _repoint(1), name="dest"),
@@ -251,6 +281,38 @@ async def test_exactly_the_broken_invariants_checks_fire(pool: asyncpg.Pool, nam
     findings = await audit(pool)
     assert {f.check for f in findings} == case.fires
     assert any(case.detail in f.detail for f in findings if f.check == case.check)
+    # Each finding names what it is about: an account, a transaction, a posting or the ledger.
+    known = {*map(str, users), str(settled), str(failed), "ledger"}
+    for f in findings:
+        assert f.subject in known or await _is_posting_or_row(pool, f.subject), f
+    if case.subject is not None:
+        assert case.subject(users, settled) in {
+            f.subject for f in findings if f.check == case.check
+        }
+
+
+async def _is_posting_or_row(pool: asyncpg.Pool, subject: str) -> bool:
+    """A posting's id, or the id of a transaction or account the corruption made itself."""
+    if subject.isdigit():
+        return bool(
+            await pool.fetchval("SELECT count(*) FROM postings WHERE id = $1", int(subject))
+        )
+    return bool(
+        await pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM transactions WHERE id = $1)"
+            " OR EXISTS (SELECT 1 FROM accounts WHERE id = $1)",
+            uuid.UUID(subject),
+        )
+    )
+
+
+@pytest.mark.asyncio
+async def test_each_check_reports_at_most_its_limit(pool: asyncpg.Pool) -> None:
+    await funded(pool, [0] * (AUDIT_LIMIT + 1))
+    await pool.execute("UPDATE balances SET posted = posted + 1 WHERE NOT allow_negative")
+    findings = await audit(pool)
+    assert Counter(f.check for f in findings) == {"balance_mismatch": AUDIT_LIMIT}
+    assert len(await audit(pool, limit_per_check=3)) == 3
 
 
 @pytest.mark.asyncio
