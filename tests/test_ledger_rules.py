@@ -166,3 +166,29 @@ async def test_final_state_cannot_change_even_by_hand(pool: asyncpg.Pool) -> Non
             " settled_at = NULL WHERE id = $1",
             txn_id,
         )
+
+
+@pytest.mark.asyncio
+async def test_a_bank_failure_keeps_its_reason_or_is_bank_declined(pool: asyncpg.Pool) -> None:
+    [alice] = await _funded(pool, [1000])
+    bank = await system_account(pool, BANK_SETTLEMENT)
+    out_bare, out_why, in_bare, in_why = await intents(
+        pool,
+        [
+            NewIntent("withdrawal", alice, bank, 10),
+            NewIntent("withdrawal", alice, bank, 20),
+            NewIntent("deposit", bank, alice, 30),
+            NewIntent("deposit", bank, alice, 40),
+        ],
+    )
+    await apply_batch(pool, [Op(out_bare, Action.HOLD), Op(out_why, Action.HOLD)])
+    ops = [
+        Op(out_bare, Action.RELEASE),
+        Op(out_why, Action.RELEASE, "account_closed"),
+        Op(in_bare, Action.FAIL),
+        Op(in_why, Action.FAIL, "account_closed"),
+    ]
+    expected = [("failed", "bank_declined"), ("failed", "account_closed")] * 2
+    assert [(o.status, o.failure_reason) for o in await apply_batch(pool, ops)] == expected
+    stored = [await get_transaction(pool, op.txn_id) for op in ops]
+    assert [(t.status, t.failure_reason) for t in stored] == expected
