@@ -192,3 +192,28 @@ async def test_a_bank_failure_keeps_its_reason_or_is_bank_declined(pool: asyncpg
     assert [(o.status, o.failure_reason) for o in await apply_batch(pool, ops)] == expected
     stored = [await get_transaction(pool, op.txn_id) for op in ops]
     assert [(t.status, t.failure_reason) for t in stored] == expected
+
+
+@pytest.mark.asyncio
+async def test_a_deposit_of_unknown_outcome_waits_in_processing_then_settles(
+    pool: asyncpg.Pool,
+) -> None:
+    [alice] = await _funded(pool, [0])
+    bank = await system_account(pool, BANK_SETTLEMENT)
+    [deposit] = await intents(pool, [NewIntent("deposit", bank, alice, 25)])
+    [marked] = await apply_batch(pool, [Op(deposit, Action.MARK_PROCESSING)])
+    assert (marked.applied, marked.status) == (True, "processing")
+    assert (await get_transaction(pool, deposit)).status == "processing"
+    assert (await get_balance(pool, alice)).posted == 0
+    [credited] = await apply_batch(pool, [Op(deposit, Action.CREDIT)])
+    assert (credited.applied, credited.status) == (True, "settled")
+    assert (await get_balance(pool, alice)).posted == 25
+
+
+@pytest.mark.asyncio
+async def test_an_op_on_an_unknown_transaction_changes_nothing_and_says_unknown(
+    pool: asyncpg.Pool,
+) -> None:
+    [outcome] = await apply_batch(pool, [Op(uuid.uuid4(), Action.TRANSFER)])
+    assert (outcome.applied, outcome.status) == (False, "unknown")
+    assert await pool.fetchval("SELECT count(*) FROM postings") == 0
