@@ -214,6 +214,27 @@ async def test_a_deposit_of_unknown_outcome_waits_in_processing_then_settles(
 async def test_an_op_on_an_unknown_transaction_changes_nothing_and_says_unknown(
     pool: asyncpg.Pool,
 ) -> None:
-    [outcome] = await apply_batch(pool, [Op(uuid.uuid4(), Action.TRANSFER)])
-    assert (outcome.applied, outcome.status) == (False, "unknown")
+    ghost = uuid.uuid4()
+    [outcome] = await apply_batch(pool, [Op(ghost, Action.TRANSFER)])
+    assert (outcome.txn_id, outcome.action, outcome.applied, outcome.status) == (
+        ghost,
+        Action.TRANSFER,
+        False,
+        "unknown",
+    )
     assert await pool.fetchval("SELECT count(*) FROM postings") == 0
+
+
+@pytest.mark.asyncio
+async def test_an_op_of_another_kind_is_not_applied(pool: asyncpg.Pool) -> None:
+    alice, bob = await _funded(pool, [100, 0])
+    bank = await system_account(pool, BANK_SETTLEMENT)
+    transfer, deposit = await intents(
+        pool, [NewIntent("transfer", alice, bob, 10), NewIntent("deposit", bank, alice, 20)]
+    )
+    wrong = [Op(transfer, Action.CREDIT), Op(deposit, Action.HOLD), Op(deposit, Action.TRANSFER)]
+    outcomes = await apply_batch(pool, wrong)
+    assert [(o.txn_id, o.action, o.applied, o.status) for o in outcomes] == [
+        (op.txn_id, op.action, False, "pending") for op in wrong
+    ]
+    assert [(await get_balance(pool, a)).posted for a in (alice, bob)] == [100, 0]
