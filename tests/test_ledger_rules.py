@@ -189,7 +189,11 @@ async def test_a_bank_failure_keeps_its_reason_or_is_bank_declined(pool: asyncpg
         Op(in_why, Action.FAIL, "account_closed"),
     ]
     expected = [("failed", "bank_declined"), ("failed", "account_closed")] * 2
-    assert [(o.status, o.failure_reason) for o in await apply_batch(pool, ops)] == expected
+    outcomes = await apply_batch(pool, ops)
+    assert [(o.status, o.failure_reason) for o in outcomes] == expected
+    assert [(o.txn_id, o.action, o.applied) for o in outcomes] == [
+        (op.txn_id, op.action, True) for op in ops
+    ]
     stored = [await get_transaction(pool, op.txn_id) for op in ops]
     assert [(t.status, t.failure_reason) for t in stored] == expected
 
