@@ -11,6 +11,7 @@ from engine import (
     BANK_SETTLEMENT,
     Action,
     InvalidAmount,
+    InvariantViolation,
     NewIntent,
     Op,
     SelfTransfer,
@@ -22,6 +23,8 @@ from engine import (
     get_transaction,
     system_account,
 )
+from engine._decide import Balance, Decision, Posting
+from engine._decide import _check as check_decision
 from tests._ledger_helpers import CUR, MAX, funded, intents
 
 
@@ -242,3 +245,37 @@ async def test_an_op_of_another_kind_is_not_applied(pool: asyncpg.Pool) -> None:
         (op.txn_id, op.action, False, "pending") for op in wrong
     ]
     assert [(await get_balance(pool, a)).posted for a in (alice, bob)] == [100, 0]
+
+
+def _decided(postings: list[int], balance: tuple[int, int, bool]) -> Decision:
+    """A decision as a broken rule could make it: these postings on one transaction, and one
+    touched balance (posted, pending, allow_negative)."""
+    txn, account = uuid.uuid4(), uuid.uuid4()
+    d = Decision()
+    d.postings = [Posting(txn, account, amount, 0) for amount in postings]
+    d.touched = {account: Balance(account, *balance)}
+    return d
+
+
+@pytest.mark.parametrize(
+    ("postings", "balance", "says"),
+    [
+        ([-5, 4], (10, 0, False), "unbalanced postings"),
+        ([5], (10, 0, True), "unbalanced postings"),
+        ([-5, 5], (10, -1, False), "negative hold"),
+        ([-5, 5], (10, 11, False), "negative available"),
+        ([-5, 5], (-1, 0, False), "negative available"),
+    ],
+)
+def test_a_batch_that_breaks_an_invariant_is_refused(
+    postings: list[int], balance: tuple[int, int, bool], says: str
+) -> None:
+    with pytest.raises(InvariantViolation, match=says):
+        check_decision(_decided(postings, balance))
+
+
+@pytest.mark.parametrize(
+    "balance", [(10, 0, False), (10, 10, False), (0, 0, False), (-50, 0, True), (-50, 5, True)]
+)
+def test_a_sound_batch_passes_its_invariants(balance: tuple[int, int, bool]) -> None:
+    check_decision(_decided([-5, 5, 3, -3], balance))
