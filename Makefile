@@ -12,7 +12,7 @@ NODE_CLIENT := tests/node/node_modules/toxiproxy-node-client/package.json
 CHROMIUM := /usr/bin/chromium
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test install lint typecheck unit chaos chaos-short dashboards
+.PHONY: run test install lint typecheck unit chaos chaos-short dashboards mutation
 
 run: install
 	@$(MAKE) --no-print-directory $(PROMTOOL) \
@@ -76,3 +76,14 @@ chaos:
 # observability/grafana/dashboards/*.json from observability/dashboards.py (a test compares them)
 dashboards: install
 	$(VENV)/bin/python observability/dashboards.py
+
+# Mutation testing (docs/testing.md), not part of `make test`: mutmut mutates the modules named in
+# pyproject.toml [tool.mutmut] and runs their fast tests against each mutant. Results are kept in
+# mutants/ between runs (only changed functions run again). MUTANTS narrows it by name glob, e.g.
+# `make mutation MUTANTS='engine._decide*'`; the whole run is bounded by MUTATION_TIMEOUT_S.
+MUTATION_CHILDREN ?= 2
+MUTATION_TIMEOUT_S ?= 3600
+MUTANTS ?=
+mutation: install
+	timeout $(MUTATION_TIMEOUT_S) $(VENV)/bin/mutmut run --max-children $(MUTATION_CHILDREN) $(MUTANTS)
+	$(VENV)/bin/mutmut results

@@ -280,9 +280,12 @@ async def _read_statement(deps: JanitorDeps) -> bool:
     for _ in range(STATEMENT_PAGES_MAX):
         items, next_cursor = await deps.bank.statement(cursor)
         await deps.pool.executemany(
-            "INSERT INTO bank_statement (key, txn_id, kind, account, amount_minor)"
-            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key) DO NOTHING",
-            [(p.key, _uuid_or_none(p.key), p.kind, p.account, p.amount_minor) for p in items],
+            "INSERT INTO bank_statement (key, txn_id, kind, account, amount_minor, currency)"
+            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key) DO NOTHING",
+            [
+                (p.key, _uuid_or_none(p.key), p.kind, p.account, p.amount_minor, p.currency)
+                for p in items
+            ],
         )
         if next_cursor is None:
             return True
@@ -303,26 +306,64 @@ def _uuid_or_none(key: str) -> uuid.UUID | None:
         return None
 
 
-# Succeeded at the bank, but not a settled Kizo transaction of the same kind, account and amount
-# (after a grace period: a processing one is the resolver's job first).
-_BANK_WITHOUT_KIZO = """
-SELECT s.key, coalesce(t.kind || ' ' || t.status || ' ' || t.amount_minor, 'no transaction')
-       || ' vs bank ' || s.kind || ' ' || s.amount_minor
-FROM bank_statement s LEFT JOIN transactions t ON t.id = s.txn_id
-WHERE s.seen_at < now() - make_interval(secs => $1)
-  AND (t.id IS NULL OR t.status <> 'settled' OR t.amount_minor <> s.amount_minor
-       OR t.kind <> CASE s.kind WHEN 'collection' THEN 'deposit' ELSE 'withdrawal' END
-       OR s.account <> (CASE t.kind WHEN 'deposit' THEN t.dest_id ELSE t.source_id END)::text)
+# Each statement line (a payment that succeeded at the bank), after a grace period (a processing
+# transaction is the resolver's job first), against the Kizo transaction of its key: one finding
+# per field that disagrees, each of its own kind. The ledger's direction is where its money went
+# (from the bank's mirror account: a collection; to it: a payout), apart from what its kind says;
+# the bank's customer is the other side of the transaction. A line without a transaction
+# compares nothing else (every other comparison is NULL there).
+_STATEMENT_DISAGREES = """
+WITH bank AS (SELECT id FROM accounts WHERE code = 'bank_settlement'),
+lines AS (
+    SELECT s.key, s.kind AS s_kind, s.account, s.amount_minor AS s_amount, s.currency AS s_cur,
+           t.id, t.kind, t.status, t.amount_minor, t.currency,
+           CASE WHEN t.source_id = bank.id THEN 'collection'
+                WHEN t.dest_id = bank.id THEN 'payout' END AS direction,
+           (CASE WHEN t.source_id = bank.id THEN t.dest_id ELSE t.source_id END)::text AS customer
+    FROM bank_statement s CROSS JOIN bank LEFT JOIN transactions t ON t.id = s.txn_id
+    WHERE s.seen_at < now() - make_interval(secs => $1)
+)
+SELECT c.kind, l.key, c.detail FROM lines l CROSS JOIN LATERAL (VALUES
+    ('bank_without_kizo', l.id IS NULL,
+     'bank ' || l.s_kind || ' ' || l.s_amount || ' has no Kizo transaction'),
+    ('amount_mismatch', l.amount_minor <> l.s_amount,
+     'Kizo ' || l.amount_minor || ' vs bank ' || l.s_amount),
+    ('currency_mismatch', l.currency <> l.s_cur,
+     'Kizo ' || l.currency || ' vs bank ' || l.s_cur),
+    ('kind_mismatch', l.id IS NOT NULL AND l.s_kind IS DISTINCT FROM
+        CASE l.kind WHEN 'deposit' THEN 'collection' WHEN 'withdrawal' THEN 'payout' END,
+     'Kizo ' || l.kind || ' vs bank ' || l.s_kind),
+    ('direction_mismatch', l.id IS NOT NULL AND l.direction IS DISTINCT FROM l.s_kind,
+     'Kizo moved it as ' || coalesce(l.direction, 'neither') || ' vs bank ' || l.s_kind),
+    ('account_mismatch', l.customer <> l.account,
+     'Kizo account ' || l.customer || ' vs bank account ' || l.account),
+    ('status_mismatch_bank_succeeded', l.status <> 'settled',
+     'Kizo ' || l.status || ' vs bank succeeded')
+) AS c(kind, differs, detail)
+WHERE c.differs
 LIMIT $2
 """
-
+STATEMENT_KINDS = (
+    "bank_without_kizo",
+    "amount_mismatch",
+    "currency_mismatch",
+    "kind_mismatch",
+    "direction_mismatch",
+    "account_mismatch",
+    "status_mismatch_bank_succeeded",
+)
+# Settled at Kizo but not on the statement: the bank is asked by key whether it never saw the
+# payment (kizo_without_bank) or failed it (status_mismatch_bank_failed); one it made that the
+# statement does not serve yet is no finding.
 _KIZO_WITHOUT_BANK = """
-SELECT t.id::text, t.kind || ' settled for ' || t.amount_minor || ' but not on the statement'
-FROM transactions t LEFT JOIN bank_statement s ON s.txn_id = t.id
+SELECT t.id, t.kind, t.amount_minor FROM transactions t
+LEFT JOIN bank_statement s ON s.txn_id = t.id
 WHERE t.kind IN ('deposit', 'withdrawal') AND t.status = 'settled' AND s.key IS NULL
   AND t.settled_at < now() - make_interval(secs => $1)
 LIMIT $2
 """
+LEDGER_KINDS = ("kizo_without_bank", "status_mismatch_bank_failed")
+RECONCILIATION_KINDS = (*STATEMENT_KINDS, *LEDGER_KINDS, "bank_payment_mismatch")
 
 
 async def reconcile(deps: JanitorDeps, summary: PassSummary) -> set[str]:
@@ -334,14 +375,42 @@ async def reconcile(deps: JanitorDeps, summary: PassSummary) -> set[str]:
         log.warning("reconcile_bank_unavailable", error=str(exc))
         return set()
     grace, limit = deps.config.reconcile_grace_s, deps.config.janitor_batch_max
-    checked = {"bank_without_kizo"}
-    for row in await deps.pool.fetch(_BANK_WITHOUT_KIZO, grace, limit):
-        summary.findings.append(Finding("bank_without_kizo", row[0], row[1]))
-    if caught_up:
-        checked.add("kizo_without_bank")
-        for row in await deps.pool.fetch(_KIZO_WITHOUT_BANK, grace, limit):
-            summary.findings.append(Finding("kizo_without_bank", row[0], row[1]))
+    for row in await deps.pool.fetch(_STATEMENT_DISAGREES, grace, limit):
+        summary.findings.append(Finding(row[0], row[1], row[2]))
+    checked = set(STATEMENT_KINDS)
+    if caught_up and await _settled_not_on_statement(deps, summary):
+        checked.update(LEDGER_KINDS)
     return checked
+
+
+async def _settled_not_on_statement(deps: JanitorDeps, summary: PassSummary) -> bool:
+    """Findings for settled transactions the statement lacks; False when the bank did not answer."""
+    rows = await deps.pool.fetch(
+        _KIZO_WITHOUT_BANK, deps.config.reconcile_grace_s, deps.config.janitor_batch_max
+    )
+    slots = asyncio.Semaphore(BANK_CALLS_MAX)
+
+    async def ask(txn: uuid.UUID) -> tuple[bool, BankPayment | None]:
+        async with slots:
+            try:
+                return True, await deps.bank.get_payment(txn)
+            except BankUnavailable as exc:
+                log.warning("reconcile_bank_unavailable", txn=str(txn), error=str(exc))
+                return False, None
+
+    answers = await asyncio.gather(*(ask(r["id"]) for r in rows))
+    for row, (answered, payment) in zip(rows, answers, strict=True):
+        what = f"{row['kind']} settled for {row['amount_minor']}"
+        if answered and payment is None:
+            summary.findings.append(
+                Finding("kizo_without_bank", str(row["id"]), what + " but the bank never saw it")
+            )
+        elif payment is not None and payment.status != "succeeded":
+            detail = f"{what} but the bank {payment.status} it"
+            summary.findings.append(Finding("status_mismatch_bank_failed", str(row["id"]), detail))
+    everyone = all(answered for answered, _ in answers)
+    summary.bank_ok = summary.bank_ok and everyone
+    return everyone
 
 
 async def store_findings(

@@ -17,7 +17,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from actors.bank_client import BankClient
-from actors.janitor import Finding, JanitorDeps, PassSummary, run_pass
+from actors.janitor import RECONCILIATION_KINDS, Finding, JanitorDeps, PassSummary, run_pass
 from actors.routing import QueueSet
 from infra.config import MUTATION_HELP, Config
 from infra.db import create_pool, redis_client
@@ -26,7 +26,6 @@ log = structlog.get_logger("kizo.janitor")
 
 # The audit scans whole tables: longer than any request's statement, still bounded.
 JANITOR_STATEMENT_TIMEOUT_S = 60
-RECONCILIATION_KINDS = ("bank_payment_mismatch", "bank_without_kizo", "kizo_without_bank")
 IMBALANCE_FINDING = "audit:ledger_unbalanced"  # detail: "all postings sum to <n>"
 FINDINGS_LOGGED_MAX = 20  # per pass: open findings recur every pass until resolved
 

@@ -11,6 +11,7 @@ from engine import (
     BANK_SETTLEMENT,
     Action,
     InvalidAmount,
+    InvariantViolation,
     NewIntent,
     Op,
     SelfTransfer,
@@ -22,6 +23,8 @@ from engine import (
     get_transaction,
     system_account,
 )
+from engine._decide import Balance, Decision, Posting
+from engine._decide import _check as check_decision
 from tests._ledger_helpers import CUR, MAX, funded, intents
 
 
@@ -166,3 +169,113 @@ async def test_final_state_cannot_change_even_by_hand(pool: asyncpg.Pool) -> Non
             " settled_at = NULL WHERE id = $1",
             txn_id,
         )
+
+
+@pytest.mark.asyncio
+async def test_a_bank_failure_keeps_its_reason_or_is_bank_declined(pool: asyncpg.Pool) -> None:
+    [alice] = await _funded(pool, [1000])
+    bank = await system_account(pool, BANK_SETTLEMENT)
+    out_bare, out_why, in_bare, in_why = await intents(
+        pool,
+        [
+            NewIntent("withdrawal", alice, bank, 10),
+            NewIntent("withdrawal", alice, bank, 20),
+            NewIntent("deposit", bank, alice, 30),
+            NewIntent("deposit", bank, alice, 40),
+        ],
+    )
+    await apply_batch(pool, [Op(out_bare, Action.HOLD), Op(out_why, Action.HOLD)])
+    ops = [
+        Op(out_bare, Action.RELEASE),
+        Op(out_why, Action.RELEASE, "account_closed"),
+        Op(in_bare, Action.FAIL),
+        Op(in_why, Action.FAIL, "account_closed"),
+    ]
+    expected = [("failed", "bank_declined"), ("failed", "account_closed")] * 2
+    outcomes = await apply_batch(pool, ops)
+    assert [(o.status, o.failure_reason) for o in outcomes] == expected
+    assert [(o.txn_id, o.action, o.applied) for o in outcomes] == [
+        (op.txn_id, op.action, True) for op in ops
+    ]
+    stored = [await get_transaction(pool, op.txn_id) for op in ops]
+    assert [(t.status, t.failure_reason) for t in stored] == expected
+
+
+@pytest.mark.asyncio
+async def test_a_deposit_of_unknown_outcome_waits_in_processing_then_settles(
+    pool: asyncpg.Pool,
+) -> None:
+    [alice] = await _funded(pool, [0])
+    bank = await system_account(pool, BANK_SETTLEMENT)
+    [deposit] = await intents(pool, [NewIntent("deposit", bank, alice, 25)])
+    [marked] = await apply_batch(pool, [Op(deposit, Action.MARK_PROCESSING)])
+    assert (marked.applied, marked.status) == (True, "processing")
+    assert (await get_transaction(pool, deposit)).status == "processing"
+    assert (await get_balance(pool, alice)).posted == 0
+    [credited] = await apply_batch(pool, [Op(deposit, Action.CREDIT)])
+    assert (credited.applied, credited.status) == (True, "settled")
+    assert (await get_balance(pool, alice)).posted == 25
+
+
+@pytest.mark.asyncio
+async def test_an_op_on_an_unknown_transaction_changes_nothing_and_says_unknown(
+    pool: asyncpg.Pool,
+) -> None:
+    ghost = uuid.uuid4()
+    [outcome] = await apply_batch(pool, [Op(ghost, Action.TRANSFER)])
+    assert (outcome.txn_id, outcome.action, outcome.applied, outcome.status) == (
+        ghost,
+        Action.TRANSFER,
+        False,
+        "unknown",
+    )
+    assert await pool.fetchval("SELECT count(*) FROM postings") == 0
+
+
+@pytest.mark.asyncio
+async def test_an_op_of_another_kind_is_not_applied(pool: asyncpg.Pool) -> None:
+    alice, bob = await _funded(pool, [100, 0])
+    bank = await system_account(pool, BANK_SETTLEMENT)
+    transfer, deposit = await intents(
+        pool, [NewIntent("transfer", alice, bob, 10), NewIntent("deposit", bank, alice, 20)]
+    )
+    wrong = [Op(transfer, Action.CREDIT), Op(deposit, Action.HOLD), Op(deposit, Action.TRANSFER)]
+    outcomes = await apply_batch(pool, wrong)
+    assert [(o.txn_id, o.action, o.applied, o.status) for o in outcomes] == [
+        (op.txn_id, op.action, False, "pending") for op in wrong
+    ]
+    assert [(await get_balance(pool, a)).posted for a in (alice, bob)] == [100, 0]
+
+
+def _decided(postings: list[int], balance: tuple[int, int, bool]) -> Decision:
+    """A decision as a broken rule could make it: these postings on one transaction, and one
+    touched balance (posted, pending, allow_negative)."""
+    txn, account = uuid.uuid4(), uuid.uuid4()
+    d = Decision()
+    d.postings = [Posting(txn, account, amount, 0) for amount in postings]
+    d.touched = {account: Balance(account, *balance)}
+    return d
+
+
+@pytest.mark.parametrize(
+    ("postings", "balance", "says"),
+    [
+        ([-5, 4], (10, 0, False), "unbalanced postings"),
+        ([5], (10, 0, True), "unbalanced postings"),
+        ([-5, 5], (10, -1, False), "negative hold"),
+        ([-5, 5], (10, 11, False), "negative available"),
+        ([-5, 5], (-1, 0, False), "negative available"),
+    ],
+)
+def test_a_batch_that_breaks_an_invariant_is_refused(
+    postings: list[int], balance: tuple[int, int, bool], says: str
+) -> None:
+    with pytest.raises(InvariantViolation, match=says):
+        check_decision(_decided(postings, balance))
+
+
+@pytest.mark.parametrize(
+    "balance", [(10, 0, False), (10, 10, False), (0, 0, False), (-50, 0, True), (-50, 5, True)]
+)
+def test_a_sound_batch_passes_its_invariants(balance: tuple[int, int, bool]) -> None:
+    check_decision(_decided([-5, 5, 3, -3], balance))
