@@ -27,6 +27,7 @@ STREAMS = ("upstream", "downstream")
 BANK_FAULTS: Mapping[str, tuple[float, float, float] | tuple[int, int, int]] = {
     "error_rate": (0.05, 0.5, 0.5),
     "drop_rate": (0.05, 0.6, 0.5),
+    "lose_rate": (0.05, 0.6, 0.5),  # read, then lost before the bank acts
     "latency_ms": (5, 300, 10),
 }
 TOXICITY_STEP = 0.05
