@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.command)  # JSON on stderr (a console rendering on a terminal)
     try:
         config = Config.from_env(os.environ)
-        return int(args.handler(config, args))
+        code = int(args.handler(config, args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except (ConfigError, UsageError) as exc:
         print(f"kizo: {exc}", file=sys.stderr)
         return 2
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     except Exception as exc:
         if not _unreachable(exc):
             raise
@@ -121,6 +125,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kizo {args.command}: cannot reach a server it needs ({reason}); "
               "check DATABASE_URL, REDIS_URL and KIZO_BANK_URL", file=sys.stderr)  # fmt: skip
         return 1
+
+
+def _reader_gone() -> int:
+    """The reader of our output closed it (``kizo chaos list | head -1``): it has what it
+    wanted, so exit quietly and successfully, as ``head`` expects. Standard output is pointed at
+    /dev/null first, so the interpreter's own flush at exit cannot fail again and warn."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
 
 
 def _unreachable(exc: BaseException) -> bool:

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from chaos import bank_workload as workload
 from chaos.checker import ApiView, FinalState, LedgerTxn, Op, Violation, check
+from chaos.runner import workload as workload
 from infra.system import System, scratch_system
 
 A, B = "acct-a", "acct-b"

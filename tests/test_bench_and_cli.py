@@ -175,6 +175,21 @@ def test_a_server_that_does_not_answer_is_one_line_and_exit_1(args: list[str]) -
     assert "Connection refused" in result.stderr
 
 
+@pytest.mark.parametrize("args", [["chaos", "list"], ["--help"], ["chaos", "--help"]])
+def test_a_reader_that_closed_the_pipe_gets_a_quiet_exit(args: list[str]) -> None:
+    # As `kizo chaos list | head -1`, with the reader gone before the first byte: not a
+    # server problem, nothing on stderr, exit 0.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "kizo.cli", *args], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=60, cwd=ROOT,
+                                check=False)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
 def _descendants_alive(pid: int) -> list[psutil.Process]:
     try:
         return [p for p in psutil.Process(pid).children(recursive=True) if p.is_running()]

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chaos import explorer
-from chaos import scenario as scenarios
 from chaos.explorer import Candidate, Window
 from chaos.mockbank.faults import FaultsUpdate
 from chaos.proxy.model import TOXIC_TYPES
+from chaos.runner import scenario as scenarios
 
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = st.integers(min_value=0, max_value=2**31 - 1)
@@ -54,7 +54,7 @@ def test_over_many_seeds_every_proxy_process_fault_kind_toxic_and_stream_is_draw
 
 
 def test_the_vocabulary_is_read_when_a_run_starts(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Another proxy (a per-role link, say) is drawn as soon as chaos.scenario lists it.
+    # Another proxy (a per-role link, say) is drawn as soon as chaos.runner.scenario lists it.
     monkeypatch.setattr(scenarios, "PROXIES", (*scenarios.PROXIES, "postgres_api"))
     vocabulary = explorer.vocabulary()
     assert "postgres_api" in vocabulary.proxies

@@ -10,8 +10,8 @@ import httpx
 import pytest
 import trio
 
-from chaos import scenario as scenarios
 from chaos.proxy.server import serve
+from chaos.runner import scenario as scenarios
 from infra.system import LINK_ALIASES, LINKS, links_of
 
 LATENCY = {"type": "latency", "name": "slow", "attributes": {"latency": 5}}

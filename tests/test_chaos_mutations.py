@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from chaos import scenario as scenarios
-from chaos.bank_workload import WorkloadParams
-from chaos.cli import run
+from chaos.runner import run
+from chaos.runner import scenario as scenarios
+from chaos.runner.workload import WorkloadParams
 from engine import LEDGER_MUTATIONS, Action, Balance, Intent, Op, decide
 from infra.config import MUTATION_HELP, MUTATIONS
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from chaos import matrix, report
 from chaos.checker import RULES, Op
-from chaos.sampler import Sample, Sampler
-from chaos.scenario import Step
+from chaos.runner import matrix, report
+from chaos.runner.sampler import Sample, Sampler
+from chaos.runner.scenario import Step
 from infra.commands import UsageError
 from infra.servers import EmbeddedValkey, free_port
 
@@ -116,7 +116,7 @@ def test_the_checker_section_lists_every_rule() -> None:
 def test_rules_names_every_rule_the_checker_can_report() -> None:
     import re
 
-    source = (ROOT / "chaos" / "checker.py").read_text()
+    source = (ROOT / "chaos" / "checker" / "_check.py").read_text()
     named = set(re.findall(r'Violation\(\s*"([a-z_]+)"', source))
     assert named == set(RULES)
 
@@ -246,7 +246,7 @@ def test_ledger_times_follow_the_database_clock_through_a_step() -> None:
 
 
 def test_the_summary_names_convergence_lag_and_the_files() -> None:
-    from chaos.cli import text
+    from chaos.runner import text
 
     txns = [report.TxnTimes(1_000.1, 1_000.2, True), report.TxnTimes(1_000.1, 1_004.0, True)]
     run = {"scenario": "redis-outage", "seed": 5, "mutation": None, "ops": 2, "ops_per_s": 1.0,

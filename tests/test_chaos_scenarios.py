@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import trio
 
-from chaos import scenario as scenarios
-from chaos.cli import failed, run
-from chaos.hypothesis import DEFAULT, Probe, Prober
+from chaos.runner import failed, run
+from chaos.runner import scenario as scenarios
+from chaos.runner.hypothesis import DEFAULT, Probe, Prober
 from tests.test_chaos_report import check_journal
 
 SHIPPED = {
@@ -290,7 +290,7 @@ def test_a_system_not_in_steady_state_runs_no_method_and_fails(tmp_path: Path) -
 def test_a_run_that_killed_a_worker_is_checked_after_its_jobs_came_back() -> None:
     from actors.routing import JOB_TIMEOUT_S
     from actors.worker import SWEEP_INTERVAL_S
-    from chaos.cli import DEAD_WORKER_JOBS_REDONE_S, _jobs_redone_at
+    from chaos.runner._run import DEAD_WORKER_JOBS_REDONE_S, _jobs_redone_at
 
     assert DEAD_WORKER_JOBS_REDONE_S > JOB_TIMEOUT_S + SWEEP_INTERVAL_S
     applied = [{"actual_s": 1.0, "step": "kill worker-0", "status": "killed"},

@@ -26,9 +26,9 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from api._auth import KeyRing
-from chaos.grafana import Grafana
-from chaos.metrics import RunnerMetrics, serving
-from chaos.scenario import Step
+from chaos.runner.grafana import Grafana
+from chaos.runner.metrics import RunnerMetrics, serving
+from chaos.runner.scenario import Step
 from infra.config import Config
 from infra.metrics import Target, targets_dir
 from infra.processes import metrics_targets

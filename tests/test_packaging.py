@@ -612,7 +612,7 @@ def test_the_workflow_runs_the_targets_of_ci_run_and_the_chaos_jobs() -> None:
 
 
 def test_the_full_chaos_job_keeps_the_reports_where_chaos_runs_write_them() -> None:
-    from chaos.cli import RUNS_DIR
+    from chaos.runner import RUNS_DIR
 
     steps = _workflow()["jobs"]["chaos-full"]["steps"]
     upload = next(s for s in steps if str(s.get("uses", "")).startswith("actions/upload-artifact"))

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaos import scenario as scenarios
 from chaos.explorer._generate import Candidate, generate, to_scenario, to_toml
 from chaos.explorer._run import Runner, Verdict, vocabulary
 from chaos.explorer._shrink import shrink
+from chaos.runner import scenario as scenarios
 
 RUNS_DIR = Path("chaos-runs")
 JOURNAL = "explore.json"

@@ -35,7 +35,7 @@ TOXICITY_STEP = 0.05
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """What there is to break: the proxies (chaos.scenario.PROXIES, read when a run starts),
+    """What there is to break: the proxies (chaos.runner.scenario.PROXIES, read when a run starts),
     the processes that can be killed or paused, the embedded servers (kill and restart)."""
 
     proxies: tuple[str, ...]

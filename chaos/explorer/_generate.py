@@ -1,5 +1,5 @@
 """Drawing a candidate (a workload and a timeline of fault windows) from a seed, and writing it
-as a scenario: chaos.scenario Steps to run, or a TOML file that ``kizo chaos run`` loads."""
+as a scenario: chaos.runner.scenario Steps to run, or a TOML file that ``kizo chaos run`` loads."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from chaos.bank_workload import WorkloadParams
 from chaos.explorer._faults import KINDS, Vocabulary, Window, lock
-from chaos.hypothesis import DEFAULT
-from chaos.scenario import Scenario, Step
+from chaos.runner.hypothesis import DEFAULT
+from chaos.runner.scenario import Scenario, Step
+from chaos.runner.workload import WorkloadParams
 
 # A timeline short enough that a run takes seconds: every window starts and heals within
 # METHOD_S_MAX, lasts LENGTH_S_MIN or more, and steps are drawn on a STEP_S grid.
@@ -28,7 +28,7 @@ STEP_S = 0.1
 LOCK_GAP_S = 0.5
 # A restart blocks the timeline until its process serves (seconds on a loaded machine): no
 # other step within RESTART_GAP_S after it, so that none starts later than
-# chaos.scenario.STEP_LATE_S_MAX.
+# chaos.runner.scenario.STEP_LATE_S_MAX.
 RESTART_GAP_S = 4.0
 PLACE_TRIES_MAX = 20
 # The workload, drawn small: (lowest when shrunk, lowest drawn, highest drawn).
@@ -137,7 +137,7 @@ def raw_steps(candidate: Candidate) -> list[dict[str, Any]]:
 
 
 def steps(candidate: Candidate) -> tuple[Step, ...]:
-    """The method as chaos.scenario reads it from the file ``to_toml`` writes."""
+    """The method as chaos.runner.scenario reads it from the file ``to_toml`` writes."""
     return tuple(_step(raw) for raw in raw_steps(candidate))
 
 
@@ -164,7 +164,7 @@ def title(candidate: Candidate) -> str:
 
 
 def to_scenario(candidate: Candidate, name: str, description: str = "") -> Scenario:
-    """What chaos.scenario.load reads back from ``to_toml``'s file named ``name``.toml."""
+    """What chaos.runner.scenario.load reads back from ``to_toml``'s file named ``name``.toml."""
     return Scenario(name, title(candidate), description, workload(candidate), steps(candidate),
                     frozenset({503}), DEFAULT)  # fmt: skip
 

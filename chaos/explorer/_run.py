@@ -20,10 +20,10 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
-from chaos import cli
-from chaos import scenario as scenarios
+from chaos import runner
 from chaos.explorer._faults import Vocabulary
-from chaos.scenario import Scenario
+from chaos.runner import scenario as scenarios
+from chaos.runner.scenario import Scenario
 from infra.system import System, scratch_system
 
 SHOWN_MAX = 5
@@ -41,9 +41,9 @@ class Verdict:
 
 
 def vocabulary() -> Vocabulary:
-    """What a run's system has, read now: chaos.scenario.PROXIES, the workers the chaos runs
+    """What a run's system has, read now: chaos.runner.scenario.PROXIES, the workers the chaos runs
     start (KIZO_WORKERS, 1 unless set), the API, the janitor and the bank."""
-    workers = int(cli.CHAOS_OVERRIDES.get("KIZO_WORKERS", "1"))
+    workers = int(runner.CHAOS_OVERRIDES.get("KIZO_WORKERS", "1"))
     processes = (*(f"worker-{i}" for i in range(workers)), "api", "janitor", "bank")
     return Vocabulary(tuple(scenarios.PROXIES), processes, tuple(sorted(scenarios.SERVERS)))
 
@@ -112,9 +112,9 @@ class Runner:
         fresh = self._system is None
         try:
             if self._system is None:
-                overrides = cli.system_overrides(self.mutation, scenario)
+                overrides = runner.system_overrides(self.mutation, scenario)
                 self._system = self._stack.enter_context(scratch_system(overrides, True))
-            report = cli.run_on(self._system, scenario.workload, scenario, seed, self.mutation)
+            report = runner.run_on(self._system, scenario.workload, scenario, seed, self.mutation)
         except Exception as exc:  # one broken run (a start that failed...): named, not fatal
             self.retire()
             first = (str(exc).splitlines() or [""])[0][:200]

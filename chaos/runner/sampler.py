@@ -35,7 +35,7 @@ STOP_WAIT_S = 5.0
 # harness may not import it, so the convention is written down here too).
 QUEUED_KEY = "saq:settle-{shard}:queued"
 # With the server's clock: the ledger's timestamps are put on the run's clock by these readings
-# (chaos.report), not by trusting that the wall clock never moved.
+# (chaos.runner.report), not by trusting that the wall clock never moved.
 OPEN_SQL = ("SELECT count(*), extract(epoch FROM clock_timestamp())::float8 FROM transactions"
             " WHERE status IN ('pending', 'processing')")  # fmt: skip
 

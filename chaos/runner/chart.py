@@ -1,4 +1,4 @@
-"""A chaos run's chart (PNG), drawn from its journal alone (``chaos.report``): four panels on
+"""A chaos run's chart (PNG), drawn from its journal alone (``chaos.runner.report``): four panels on
 one time axis (throughput, errors, settlement lag, backlog), each fault window shaded in all of
 them and labelled in the top one, the heal and the convergence marked. A gap in a series (a
 server that did not answer the sampler) is a break in its line.

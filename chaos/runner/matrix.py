@@ -42,7 +42,7 @@ def main(args: argparse.Namespace, out: Path, caller: Config | None = None) -> i
     if args.what != "run" or args.scenario:
         raise UsageError("--all goes with kizo chaos run and no scenario name")
     seeds = parse_seeds(args.seeds)
-    from chaos import scenario as scenarios
+    from chaos.runner import scenario as scenarios
 
     started = time.monotonic()
     rows = []
@@ -68,13 +68,13 @@ def run_one(name: str, seed: int, mutation: str, out: Path,
             caller: Config | None = None) -> dict[str, Any]:  # fmt: skip
     """One run; a run that could not be made at all (its system did not start, ...) is a row
     whose verdict says why, and the matrix goes on."""
-    from chaos import cli
-    from chaos import scenario as scenarios
+    from chaos.runner import report_dir, run
+    from chaos.runner import scenario as scenarios
 
     try:
         scenario = scenarios.load(name, seed)
-        report = cli.run(scenario.workload, scenario, seed, mutation,
-                         cli.report_dir(out, name, seed, mutation), caller)  # fmt: skip
+        report = run(scenario.workload, scenario, seed, mutation,
+                     report_dir(out, name, seed, mutation), caller)  # fmt: skip
     except Exception as exc:  # the matrix outlives one broken run, and names it
         first_line = (str(exc).splitlines() or [""])[0][:120]
         return {"scenario": name, "seed": seed, "ops": None, "violations": None,

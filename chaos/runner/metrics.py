@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, start_http_server
 
+from chaos.runner.grafana import FaultWindow
 from infra.metrics import Target, remove_targets, targets_dir, write_targets
 
 if TYPE_CHECKING:
-    from chaos.grafana import Grafana
-    from chaos.scenario import Step
+    from chaos.runner.grafana import Grafana
+    from chaos.runner.scenario import Step
 
 NO_SCENARIO = "none"
 DEFAULT_STREAM = "downstream"  # Toxiproxy's default stream, and so its default toxic name
@@ -42,14 +43,6 @@ FAULT = Gauge("kizo_chaos_fault_active", "1 while the fault window is open",
               ["scenario", "fault", "target"])  # fmt: skip
 WINDOWS = Counter("kizo_chaos_fault_windows", "Fault windows opened",
                   ["scenario", "fault", "target"])  # fmt: skip
-
-
-@dataclass(frozen=True)
-class FaultWindow:
-    fault: str
-    target: str
-    start: float  # epoch seconds
-    end: float
 
 
 @dataclass

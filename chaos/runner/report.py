@@ -1,5 +1,5 @@
 """A chaos run's journal: what a person needs to read the run in a minute, written as JSON (and
-drawn as a PNG, ``chaos.chart``) in the run's directory.
+drawn as a PNG, ``chaos.runner.chart``) in the run's directory.
 
 The run's clock starts when the load starts (the fault timeline's zero): the history's
 timestamps and the sampler's (``time.monotonic``) are put on it, and so are the ledger's
@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chaos.bank_workload import Member, Recorder
 from chaos.checker import RULES, Op
-from chaos.sampler import Sample, Sampler
+from chaos.runner.sampler import Sample, Sampler
+from chaos.runner.workload import Member, Recorder
 
 if TYPE_CHECKING:
-    from chaos.scenario import Step
+    from chaos.runner.scenario import Step
     from infra.system import System
 
 JOURNAL = "journal.json"
@@ -371,7 +371,7 @@ def run_dir(base: Path, scenario: str | None, seed: int, mutation: str | None) -
 
 def write(report: dict[str, Any], out: Path) -> dict[str, Any]:
     """The journal and its chart in ``out`` (created); the report, with their paths."""
-    from chaos import chart
+    from chaos.runner import chart
 
     out.mkdir(parents=True, exist_ok=True)
     report["files"] = {"journal": str(out / JOURNAL), "chart": str(out / CHART)}

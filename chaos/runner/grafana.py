@@ -11,19 +11,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import httpx
 import structlog
 
-if TYPE_CHECKING:
-    from chaos.metrics import FaultWindow
-
-log = structlog.get_logger("kizo.chaos.grafana")
+log = structlog.get_logger("kizo.chaos.runner.grafana")
 
 ANNOTATIONS_MAX = 200
 REQUEST_TIMEOUT_S = 5.0
 DASHBOARD_UID = "kizo-incident"  # observability/dashboards.py
+
+
+@dataclass(frozen=True)
+class FaultWindow:
+    """A fault's time on: what the runner's metrics close (chaos.runner.metrics) and Grafana
+    draws as a region."""
+
+    fault: str
+    target: str
+    start: float  # epoch seconds
+    end: float
 
 
 @dataclass(frozen=True)

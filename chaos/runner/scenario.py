@@ -9,7 +9,7 @@ docs/chaos.md "Writing a scenario" explains every key with one annotated file:
     description = "..."
     tolerated = [503]          # answers that count as "unknown outcome" under faults (only 503)
 
-    [workload]                 # chaos.bank_workload.WorkloadParams fields, optional
+    [workload]                 # chaos.runner.workload.WorkloadParams fields, optional
     users = 12
     processes = 8
     ops = 80
@@ -18,11 +18,11 @@ docs/chaos.md "Writing a scenario" explains every key with one annotated file:
     [configuration]            # optional: the system's settings for this run (CONFIGURATION)
     redrive_attempts_max = 3
 
-    [steady-state-hypothesis]  # optional (chaos.hypothesis.DEFAULT when absent)
+    [steady-state-hypothesis]  # optional (chaos.runner.hypothesis.DEFAULT when absent)
     title = "..."
     [[steady-state-hypothesis.probes]]
     name = "the ledger's audit is clean"
-    provider = "ledger_audit"  # chaos.hypothesis.PROVIDERS
+    provider = "ledger_audit"  # chaos.runner.hypothesis.PROVIDERS
     tolerance = 0              # an exact value (a status code for HTTP probes) or [min, max]
 
     [[method]]                 # in time order
@@ -70,8 +70,7 @@ from typing import Any, Protocol
 import httpx
 import trio
 
-from chaos.bank_workload import WorkloadParams
-from chaos.hypothesis import (
+from chaos.runner.hypothesis import (
     DEFAULT,
     Hypothesis,
     HypothesisError,
@@ -80,9 +79,10 @@ from chaos.hypothesis import (
     parse_hypothesis,
     parse_probe,
 )
+from chaos.runner.workload import WorkloadParams
 from infra.system import LINK_ALIASES, LINKS, links_of
 
-SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"
+SCENARIOS_DIR = Path(__file__).resolve().parents[1] / "scenarios"  # chaos/scenarios
 ACTIONS = ("toxic", "remove_toxic", "disable", "enable", "bank_faults", "heal", "kill", "restart",
            "pause", "resume", "probe")  # fmt: skip
 PROCESS_ACTIONS = ("kill", "restart", "pause", "resume")
@@ -100,7 +100,7 @@ WORKLOAD_KEYS = {"users": "users", "processes": "processes", "ops": "ops_per_pro
                  "seconds_max": "seconds_max", "converge_s_max": "converge_s_max",
                  "hot_share": "hot_share"}  # fmt: skip
 # [configuration]: the system settings a scenario may choose for its run -> (variable, integer,
-# maximum); the rest of chaos.cli.CHAOS_OVERRIDES stays.
+# maximum); the rest of chaos.runner.CHAOS_OVERRIDES stays.
 CONFIGURATION = {
     "janitor_interval_s": ("KIZO_JANITOR_INTERVAL_S", False, 60),
     "redrive_after_s": ("KIZO_REDRIVE_AFTER_S", False, 600),
@@ -305,7 +305,7 @@ class Timeline:
     rolled_back: list[dict[str, Any]] = field(default_factory=list)
     down: set[str] = field(default_factory=set)  # killed and not restarted yet
     paused: set[str] = field(default_factory=set)  # stopped (SIGSTOP) and not resumed yet
-    observe: Callable[[Step, int | str], None] | None = None  # told each step (chaos.metrics)
+    observe: Callable[[Step, int | str], None] | None = None  # told each step (runner.metrics)
 
     async def run(self, steps: Sequence[Step], started: float) -> None:
         async with httpx.AsyncClient(timeout=10) as http:
