@@ -4,6 +4,7 @@ exploration that finds a broken build from scratch and shrinks it to a file that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -171,6 +172,51 @@ def test_the_shrinker_tries_each_candidate_once() -> None:
 
     shrunk = explorer.shrink(start, never, runs_max=10_000)
     assert shrunk.candidate == start and len(asked) == len(set(asked)) == shrunk.runs > 0
+
+
+def test_the_shrink_path_starts_with_the_found_candidate_and_ends_with_the_smallest() -> None:
+    start = _candidate(11)
+    culprit = _identity(start.windows[0])
+    shrunk = explorer.shrink(start, lambda c: any(_identity(w) == culprit for w in c.windows),
+                             runs_max=400)  # fmt: skip
+    assert shrunk.path[0] == start and shrunk.path[-1] == shrunk.candidate
+    assert len(shrunk.path) == shrunk.kept + 1
+
+
+class _RaceRunner:
+    """Stands for the runner: a candidate fails its confirming run only when its workload has
+    at least ``users_min`` users (a race the smallest workloads rarely hit)."""
+
+    up = False
+
+    def __init__(self, users_min: int) -> None:
+        self.users_min = users_min
+        self.confirmed: list[int] = []
+
+    def run(self, scenario: scenarios.Scenario, seed: int, fresh: bool = False) -> Any:
+        from chaos.explorer._run import Verdict
+
+        self.confirmed.append(scenario.workload.users)
+        failing = scenario.workload.users >= self.users_min
+        return Verdict("violation" if failing else "pass", ("conservation",) if failing else (),
+                       1.0, fresh)  # fmt: skip
+
+
+@pytest.mark.parametrize(("users_min", "chosen", "confirmed"),
+                         [(2, 2, True), (4, 4, True), (8, 8, True), (9, 2, False)])  # fmt: skip
+def test_when_the_smallest_does_not_fail_again_the_last_that_does_is_the_answer(
+    users_min: int, chosen: int, confirmed: bool
+) -> None:
+    from chaos.explorer import _explore
+
+    base = _candidate(3)
+    path = tuple(dataclasses.replace(base, users=n) for n in (16, 8, 4, 2))
+    x = _explore.Exploration(10_000.0, 1, "", None)
+    runner = _RaceRunner(users_min)
+    minimal, ok = _explore._confirm_smallest(x, runner, path)  # type: ignore[arg-type]
+    assert (minimal.users, ok) == (chosen, confirmed)
+    # smallest first, at most three of the path, each once (every verdict is definite)
+    assert runner.confirmed == [2, 4, 8][: [2, 4, 8].index(chosen) + 1 if ok else 3]
 
 
 # Verdicts: a money violation is told apart from steps that did not run as planned.

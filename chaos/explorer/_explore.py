@@ -28,6 +28,9 @@ REUSED_RUN_S_GUESS = 15.0
 # A confirming run that could not be made, or whose steps did not run as planned, says
 # nothing: it is made again, this many times in all (a run that passes is the answer).
 CONFIRM_TRIES_MAX = 2
+# When the smallest candidate passes its confirming run (a race it hit once), the ones kept
+# before it are confirmed in turn, smallest first, at most this many in all.
+CONFIRM_CANDIDATES_MAX = 3
 SHRINK_RUNS_MAX = 40
 ERRORS_IN_A_ROW_MAX = 3  # runs that could not be made at all: the system does not start
 
@@ -116,8 +119,8 @@ def explore(budget_s: float, seed: int, mutation: str, out: Path,
                 return v.kind == "violation" and bool(set(v.rules) & set(verdict.rules))
 
             shrunk = shrink(first, still_fails, SHRINK_RUNS_MAX, lambda: x.room(runner))
-            minimal, shrink_runs = shrunk.candidate, shrunk.runs
-            confirmed = _confirm(x, runner, minimal)
+            shrink_runs = shrunk.runs
+            minimal, confirmed = _confirm_smallest(x, runner, shrunk.path or (shrunk.candidate,))
     summary = {
         "runs": len(x.journal),
         "violations_found": found is not None,
@@ -138,6 +141,19 @@ def explore(budget_s: float, seed: int, mutation: str, out: Path,
         "mutation": mutation or None,
     }
     return _write(out, summary, x.journal, found[0] if found else None, minimal)
+
+
+def _confirm_smallest(x: Exploration, runner: Runner,
+                      path: tuple[Candidate, ...]) -> tuple[Candidate, bool]:  # fmt: skip
+    """The smallest candidate of the shrink's ``path`` that fails again on a fresh system, and
+    True; the smallest of all and False when none of the last CONFIRM_CANDIDATES_MAX does (or
+    the budget ends first)."""
+    for i, candidate in enumerate(reversed(path[-CONFIRM_CANDIDATES_MAX:])):
+        if i and not x.room_fresh():
+            break
+        if _confirm(x, runner, candidate):
+            return candidate, True
+    return path[-1], False
 
 
 def _confirm(x: Exploration, runner: Runner, minimal: Candidate) -> bool:

@@ -26,6 +26,9 @@ class Shrunk:
     candidate: Candidate
     runs: int  # candidates tried (each a run of the predicate)
     kept: int  # of which still failed, each the new smallest
+    # start, then every candidate kept, in order (the last is ``candidate``): where to step
+    # back to when the smallest does not fail again (a race that a smaller workload rarely hits)
+    path: tuple[Candidate, ...] = ()
 
 
 def shrink(start: Candidate, still_fails: Callable[[Candidate], bool], runs_max: int,
@@ -34,6 +37,7 @@ def shrink(start: Candidate, still_fails: Callable[[Candidate], bool], runs_max:
     while ``more()`` (the time budget) says so. ``start`` is taken as failing; a candidate that
     passes once is dropped (runs are noisy: the caller confirms the result)."""
     best, runs, kept = start, 0, 0
+    path = [start]
     tried = {start}
     progress = True
     while progress:
@@ -42,13 +46,14 @@ def shrink(start: Candidate, still_fails: Callable[[Candidate], bool], runs_max:
             if candidate in tried or not valid(candidate):
                 continue
             if runs >= runs_max or not more():
-                return Shrunk(best, runs, kept)
+                return Shrunk(best, runs, kept, tuple(path))
             tried.add(candidate)
             runs += 1
             if still_fails(candidate):
                 best, kept, progress = candidate, kept + 1, True
+                path.append(candidate)
                 break
-    return Shrunk(best, runs, kept)
+    return Shrunk(best, runs, kept, tuple(path))
 
 
 def simpler(c: Candidate) -> Iterator[Candidate]:
