@@ -19,19 +19,29 @@ from tests.conftest import TEST_SECRETS, ServerSet, unique_email
 PASSWORD = "correct horse battery"
 
 
+def api_config(servers: ServerSet, db_url: str, limits: RateLimitConfig | None = None,
+               keyring_reload_s: float | None = None) -> Config:  # fmt: skip
+    """The suite's API configuration on its servers: rate limits off unless given, the key
+    ring reloaded every ``keyring_reload_s`` when given (the default is 5 s)."""
+    config = dataclasses.replace(
+        Config.from_env(TEST_SECRETS),
+        database_url=db_url,
+        redis_url=servers.redis_url,
+        limits=limits or RateLimitConfig(enabled=False),
+    )
+    if keyring_reload_s is None:
+        return config
+    auth = dataclasses.replace(config.auth, keyring_reload_s=keyring_reload_s)
+    return dataclasses.replace(config, auth=auth)
+
+
 @contextlib.asynccontextmanager
 async def api_client(
     servers: ServerSet,
     db_url: str,
     limits: RateLimitConfig,
 ) -> AsyncIterator[Client]:
-    config = dataclasses.replace(
-        Config.from_env(TEST_SECRETS),
-        database_url=db_url,
-        redis_url=servers.redis_url,
-        limits=limits,
-    )
-    app = create_app(config)
+    app = create_app(api_config(servers, db_url, limits))
     async with app.test_app() as test_app:
         yield test_app.test_client()
 

@@ -22,6 +22,7 @@ from quart.typing import TestClientProtocol as Client
 from api.app import create_app
 from engine import Action, Op, apply_batch
 from infra.config import Config, RateLimitConfig
+from tests._api_helpers import api_config
 from tests.conftest import TEST_SECRETS, ServerSet, kizo_env, unique_email
 
 
@@ -468,15 +469,7 @@ async def test_key_rotation_reaches_the_running_api_and_the_previous_key_still_v
     servers: ServerSet, db_url: str, redis_client: object
 ) -> None:
     reload_s = 0.5  # the default 5 s, shortened: what is tested is that a reload happens
-    config = dataclasses.replace(
-        Config.from_env(TEST_SECRETS),
-        database_url=db_url,
-        redis_url=servers.redis_url,
-        limits=RateLimitConfig(enabled=False),
-    )
-    config = dataclasses.replace(
-        config, auth=dataclasses.replace(config.auth, keyring_reload_s=reload_s)
-    )
+    config = api_config(servers, db_url, keyring_reload_s=reload_s)
     async with create_app(config).test_app() as test_app:
         await _rotations_reach_the_app(test_app.test_client(), servers, db_url, reload_s)
 

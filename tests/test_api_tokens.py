@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import hashlib
 import hmac
 import json
@@ -31,9 +30,8 @@ from redis.asyncio import Redis
 
 from api._auth import KeyRing, rotate_key
 from api.app import create_app
-from infra.config import Config, RateLimitConfig
-from tests._api_helpers import PASSWORD, bearer, signup, snapshot
-from tests.conftest import TEST_SECRETS, ServerSet, unique_email
+from tests._api_helpers import PASSWORD, api_config, bearer, signup, snapshot
+from tests.conftest import ServerSet, unique_email
 
 DAY_S = 24 * 3600
 # Claims in the future by this much are refused however slow this machine is: a margin that
@@ -60,15 +58,7 @@ class World:
 
 @pytest_asyncio.fixture
 async def world(servers: ServerSet, db_url: str, redis_client: Redis) -> AsyncIterator[World]:
-    config = dataclasses.replace(
-        Config.from_env(TEST_SECRETS),
-        database_url=db_url,
-        redis_url=servers.redis_url,
-        limits=RateLimitConfig(enabled=False),
-    )
-    config = dataclasses.replace(
-        config, auth=dataclasses.replace(config.auth, keyring_reload_s=KEYRING_RELOAD_S)
-    )
+    config = api_config(servers, db_url, keyring_reload_s=KEYRING_RELOAD_S)
     async with create_app(config).test_app() as test_app:
         client = test_app.test_client()
         user = await signup(client)
