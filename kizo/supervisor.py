@@ -164,6 +164,7 @@ def _print_ready(config: Config, started: list[Child], prometheus_url: str) -> N
         f"  Redis       {_redact(config.valkey_url())}",
     ]
     lines += [f"  {c.name:<11} {c.url}" for c in started if c.url]
+    lines += _pages(f"http://{config.host}:{config.api_port}")
     lines.append(f"  metrics     {targets_dir(config.home) / 'up.json'} (Prometheus file_sd)")
     if prometheus_url:
         lines += [
@@ -172,6 +173,16 @@ def _print_ready(config: Config, started: list[Child], prometheus_url: str) -> N
         ]
     lines.append("  Ctrl-C stops everything")
     say_up("\n".join(lines))
+
+
+def _pages(base: str) -> list[str]:
+    """Where a person starts: the pages the API serves, and how to see the console."""
+    return [
+        f"  {'wallet':<11} {base}/app  (sign up, deposit, pay someone, watch it settle)",
+        f"  {'console':<11} {base}/app/console  (admins: kizo admin create EMAIL)",
+        f"  {'API docs':<11} {base}/docs  (OpenAPI: {base}/openapi.json)",
+        f"  {'landing':<11} {base}/",
+    ]
 
 
 def _watch(procs: list[tuple[Child, subprocess.Popen[bytes]]]) -> int:

@@ -296,6 +296,11 @@ def test_kizo_up_starts_prints_ready_and_ctrl_c_stops_everything() -> None:
         output = "".join(lines)
         assert "ready" in output, output
         assert "PostgreSQL  postgresql://" in output
+        api = f"http://127.0.0.1:{env['KIZO_API_PORT']}"
+        for page in ("/app ", "/app/console ", "/docs "):  # the ready block names the pages
+            assert f"{api}{page}" in output, output
+            assert httpx.get(f"{api}{page.strip()}", timeout=10).status_code == 200
+        assert "kizo admin create EMAIL" in output
         for child in ("proxy", "bank", "worker-0", "janitor", "api"):
             assert f"starting {child}" in output
         _deposit_settles_end_to_end(f"http://127.0.0.1:{env['KIZO_API_PORT']}")
