@@ -62,7 +62,7 @@ typecheck:
 
 # loadgroup: the browser tests (one xdist group) share one system and one browser on one worker.
 unit:
-	$(VENV)/bin/pytest -n 2 --dist loadgroup
+	$(VENV)/bin/pytest -n 2 --dist loadgroup --durations=15
 
 # The short fault-injection subset on its own (also part of `make test`): four scenarios end to
 # end and a broken build caught under faults (.github/workflows/ci.yml runs it as a job).

@@ -360,7 +360,7 @@ def test_the_operations_console(browser: Browser, stack: System, tabs: list[Tab]
         expect(page.locator("#faults-summary")).to_contain_text("1 active fault")
         findings = page.locator("#findings-table")
         expect(findings).to_contain_text(stray, timeout=10_000)
-        expect(findings).to_contain_text("no transaction vs bank collection 4200")
+        expect(findings).to_contain_text("bank collection 4200 has no Kizo transaction")
         expect(page.locator("#chaos-table")).to_contain_text("bank-flaky")
         expect(page.locator("#chaos-table")).to_contain_text("4299 ms")
         expect(page.get_by_role("link", name="Overview dashboard")).to_have_attribute(
