@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -241,6 +242,38 @@ async def test_toxiproxys_byte_counters_count_each_direction_exactly(harness: Ha
     line = (f'toxiproxy_proxy_sent_bytes_total{{direction="downstream",listener="127.0.0.1:{port}"'
             f',proxy="echo",upstream="127.0.0.1:{harness.echo_port}"}} ')  # fmt: skip
     assert line in (await harness.api.get("/metrics")).text
+
+
+async def _goroutines(harness: Harness) -> float:
+    text = (await harness.api.get("/metrics")).text
+    [value] = [float(line.split()[1]) for line in text.splitlines()
+               if line.startswith("go_goroutines ")]  # fmt: skip
+    return value
+
+
+@pytest.mark.trio
+async def test_toxiproxys_runtime_metrics_name_the_runtime_and_count_live_tasks(
+    harness: Harness,
+) -> None:
+    # Toxiproxy's e2e check greps ^go_info and ^go_goroutines (its -runtime-metrics).
+    port = await harness.proxy()
+    text = (await harness.api.get("/metrics")).text
+    assert re.search(r'^go_info\{version="python3\.[0-9.]+ trio[0-9.]+"\} 1\.0$', text, re.M)
+    idle = await _goroutines(harness)
+    streams = [await _connect(port) for _ in range(5)]
+    try:
+        for stream in streams:  # each connection relayed: both directions alive
+            assert (await _echoed(stream, MESSAGE))[0] == MESSAGE
+        assert await _goroutines(harness) >= idle + 5
+    finally:
+        for stream in streams:
+            await stream.aclose()
+    # The relays end as the closes arrive: polled, bounded (METRICS_SETTLE_S).
+    for _ in range(int(METRICS_SETTLE_S / 0.05)):
+        if await _goroutines(harness) <= idle:
+            break
+        await trio.sleep(0.05)
+    assert await _goroutines(harness) <= idle, "the closed connections' tasks ended"
 
 
 @pytest.mark.trio

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -58,6 +59,35 @@ class _ProxyMetrics(Collector):
         yield from (accepted, sent, toxics, by_type, enabled, received, passed)
 
 
+class _RuntimeMetrics(Collector):
+    """What Toxiproxy's -runtime-metrics adds and its end-to-end check reads (``go_info``,
+    ``go_goroutines``), said of this runtime: the interpreter's version in the label, and the
+    trio tasks alive (a relay direction is a task here as it is a goroutine there). Read while
+    serving /metrics, inside the trio run."""
+
+    def collect(self) -> Iterable[Metric]:
+        version = f"python{platform.python_version()} trio{trio.__version__}"
+        info = GaugeMetricFamily("go_info", "The runtime (Python and trio here, not Go)",
+                                 labels=["version"])  # fmt: skip
+        info.add_metric([version], 1)
+        tasks = GaugeMetricFamily("go_goroutines", "Tasks alive in the proxy's trio run "
+                                  "(Toxiproxy's -runtime-metrics name)")  # fmt: skip
+        tasks.add_metric([], _tasks_alive())
+        yield from (info, tasks)
+
+
+def _tasks_alive() -> int:
+    """Every task of the trio run, walked down from its root (bounded: the tree is finite)."""
+    root = trio.lowlevel.current_root_task()
+    count, pending = 0, [] if root is None else [root]
+    while pending:
+        task = pending.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            pending.extend(nursery.child_tasks)
+    return count
+
+
 def load_specs(path: Path) -> list[model.ProxySpec]:
     """Proxies from a Toxiproxy-format file, read as its -config flag reads it (populate's
     rules; an empty listen is any free port on 127.0.0.1)."""
@@ -93,6 +123,7 @@ async def _serve_on(listeners: list[trio.SocketListener], specs: Sequence[model.
             await collection.add(spec)
         registry = CollectorRegistry()
         registry.register(_ProxyMetrics(collection))
+        registry.register(_RuntimeMetrics())
 
         async def handle(stream: trio.SocketStream) -> None:
             await serve_connection(stream, collection, lambda: generate_latest(registry))
